@@ -1,0 +1,264 @@
+"""Typed run configuration: dataclasses loaded from YAML with dotted CLI overrides.
+
+Every key is declared below; an unknown key or a value of the wrong type is a
+`ConfigError` that names the dotted key and says what was expected, so a typo in a
+sweep never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always naming the offending dotted key."""
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass
+class RunConfig:
+    dir: str = "runs/debug"
+    name: str = ""  # wandb run name; defaults to the basename of dir
+    wandb_project: str = "lflm_dist"
+    wandb_mode: str = "offline"  # offline | online | disabled
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/shakespeare"  # directory holding tokenizer.json, train/ and valid/ shards
+    train_split: str = "train"
+    valid_split: str = "valid"
+    num_workers: int = 2
+    loader: str = "indexed"  # indexed (global sample order, world-size independent) | stream
+
+
+@dataclass
+class TransformerConfig:
+    """Shape of one transformer stack (VAE encoder/decoder, DiT, AR model)."""
+    dim: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    ffn_mult: float = 4.0  # SwiGLU hidden = ffn_mult * dim (rounded to a multiple of 8)
+    rope_theta: float = 10000.0
+    qk_norm: bool = True
+    dropout: float = 0.0
+
+
+@dataclass
+class VAEConfig:
+    encoder: TransformerConfig = field(default_factory=TransformerConfig)
+    decoder: TransformerConfig = field(default_factory=TransformerConfig)
+    latent_dim: int = 16
+    block_size: int = 4  # tokens per block: bidirectional inside, causal across
+    beta: float = 1e-3  # weight of KL(q(z|x) || N(0, I))
+    mask_prob: float = 0.0  # BERT-style masked-token loss; 0 disables it
+    mask_weight: float = 0.1
+    latent_stats_momentum: float = 0.99  # EMA of latent mean/std used to normalise for the prior
+
+
+@dataclass
+class DiTConfig:
+    net: TransformerConfig = field(default_factory=lambda: TransformerConfig(dim=128, n_layers=2))
+    block_size: int = 4  # latent positions per diffusion block
+    t_loc: float = 1.0  # logit-normal timestep: t = sigmoid(t_loc + t_scale * N(0, 1))
+    t_scale: float = 1.0
+    cfg_drop_prob: float = 0.1  # probability of dropping the clean history (for guidance)
+
+
+@dataclass
+class ColaConfig:
+    stage: int = 1  # 1: VAE only; 2: joint VAE + DiT with a KL to a frozen reference encoder
+    lambda_vae: float = 1.0
+    lambda_fm: float = 1.0
+    lambda_ref: float = 0.1
+    ref_checkpoint: str = ""  # stage 2: run dir or checkpoint whose encoder is the reference
+
+
+@dataclass
+class ARConfig:
+    net: TransformerConfig = field(default_factory=TransformerConfig)
+
+
+@dataclass
+class ModelConfig:
+    family: str = "cola"  # cola | ar
+    vocab_size: int = 0  # 0: taken from the tokenizer
+    seq_len: int = 64
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    cola: ColaConfig = field(default_factory=ColaConfig)
+    ar: ARConfig = field(default_factory=ARConfig)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    global_batch_size: int = 16  # sequences per optimizer step, summed over data-parallel ranks
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    seed: int = 0
+    ckpt_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 4
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "ddp"  # ddp (one process is plain single-device training)
+    backend: str = "auto"  # auto: nccl on CUDA, gloo otherwise
+
+
+@dataclass
+class SampleConfig:
+    num_samples: int = 3
+    prompt: str = "ROMEO."
+    max_new_tokens: int = 32
+    steps: int = 8  # Euler steps per latent block
+    guidance: float = 1.0  # classifier-free guidance scale; 1.0 = off
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> "Config":
+        _choice("model.family", self.model.family, ("cola", "ar"))
+        _choice("model.cola.stage", self.model.cola.stage, (1, 2))
+        _choice("parallel.strategy", self.parallel.strategy, ("ddp",))
+        _choice("data.loader", self.data.loader, ("indexed", "stream"))
+        _choice("train.precision", self.train.precision, ("auto", "fp32", "bf16"))
+        _choice("run.wandb_mode", self.run.wandb_mode, ("offline", "online", "disabled"))
+        for key in ("train.max_steps", "train.global_batch_size", "train.grad_accum", "train.ckpt_every",
+                    "model.seq_len", "model.vae.block_size", "model.dit.block_size"):
+            if get_dotted(self, key) <= 0:
+                raise ConfigError(f"{key} must be > 0, got {get_dotted(self, key)}")
+        if self.model.seq_len % self.model.vae.block_size:
+            raise ConfigError(f"model.seq_len ({self.model.seq_len}) must be a multiple of "
+                              f"model.vae.block_size ({self.model.vae.block_size})")
+        if self.model.seq_len % self.model.dit.block_size:
+            raise ConfigError(f"model.seq_len ({self.model.seq_len}) must be a multiple of "
+                              f"model.dit.block_size ({self.model.dit.block_size})")
+        if self.model.dit.block_size % self.model.vae.block_size:
+            raise ConfigError(f"model.dit.block_size ({self.model.dit.block_size}) must be a multiple of "
+                              f"model.vae.block_size ({self.model.vae.block_size}) so a generated latent "
+                              "block decodes on its own")
+        if self.model.cola.stage == 2 and self.model.cola.lambda_ref > 0 and not self.model.cola.ref_checkpoint:
+            raise ConfigError("model.cola.ref_checkpoint is required in stage 2 when model.cola.lambda_ref > 0 "
+                              "(point it at a stage-1 run dir), or set model.cola.lambda_ref=0")
+        return self
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- loading
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Build a Config from a YAML file (optional) plus `dotted.key=value` overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like dotted.key=value")
+        key, value = item.split("=", 1)
+        _set_raw(raw, key.strip(), yaml.safe_load(value) if value != "" else "")
+    return from_dict(Config, raw, "").validate()
+
+
+def _set_raw(raw: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set {dotted}: {p} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, raw: Any, prefix: str) -> Any:
+    """Recursively build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    where = prefix or "<top level>"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config key {dotted}{hint}; known keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, dotted: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, dotted)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool):
+        if type(value) is not tp:
+            raise ConfigError(f"{dotted} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    if tp is list or typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{dotted} must be a list, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def get_dotted(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for p in dotted.split("."):
+        node = getattr(node, p)
+    return node

@@ -1,0 +1,126 @@
+"""Cola DLM: Text VAE + block-causal DiT prior (arXiv 2605.06548).
+
+Stage 1 (VAE pretraining):  L = recon + beta * KL(q || N(0, I)) + lambda_mask * L_mask
+Stage 2 (joint):            L = lambda_VAE (recon + beta * E_q log q + lambda_mask * L_mask)
+                                + lambda_FM * L_FM + lambda_ref * KL(q_phi || q_phi_ref)
+with the reference encoder q_phi_ref a frozen copy of the stage-1 encoder. In stage 2 the
+latent normalisation (shift, scale) is frozen at its stage-1 value so the prior's target
+does not drift with batch statistics.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from lflm_dist.config import ModelConfig
+from lflm_dist.models.blocks import sample_token, transformer_flops
+from lflm_dist.models.dit import BlockCausalDiT
+from lflm_dist.models.noise import Noise
+from lflm_dist.models.text_vae import TextEncoder, TextVAE, gaussian_kl
+
+
+class ColaDLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.stage = cfg.cola.stage
+        self.vae = TextVAE(cfg.vae, cfg.vocab_size)
+        self.dit = BlockCausalDiT(cfg.dit, cfg.vae.latent_dim) if self.stage == 2 else None
+        self.ref_encoder: TextEncoder | None = None
+        if self.stage == 2:
+            self.vae.track_latent_stats = False
+            if cfg.cola.lambda_ref > 0:
+                self.ref_encoder = copy.deepcopy(self.vae.encoder).requires_grad_(False)
+
+    def load_stage1(self, state: dict, source="stage-1 checkpoint") -> None:
+        """Initialise the VAE (weights and latent statistics) from a stage-1 model state and
+        freeze a copy of its encoder as the reference q_phi_ref."""
+        vae = {k[len("vae."):]: v for k, v in state.items() if k.startswith("vae.")}
+        missing, unexpected = self.vae.load_state_dict(vae, strict=False)
+        if missing or unexpected or not vae:
+            raise RuntimeError(f"{source}: its VAE does not match model.vae of this config "
+                               f"(missing {missing[:4]}, unexpected {unexpected[:4]}); use the same model.vae "
+                               "settings as the stage-1 run")
+        if self.ref_encoder is not None:
+            self.ref_encoder.load_state_dict(self.vae.encoder.state_dict())
+
+    def forward(self, batch):  # DDP hooks run on forward(); the loss is the forward pass
+        return self.loss(batch)
+
+    def loss(self, batch) -> dict[str, torch.Tensor]:
+        tokens = batch["input_ids"]
+        noise = Noise.for_batch(batch, tokens)
+        c = self.cfg.cola
+        if self.stage == 1:
+            terms, *_ = self.vae(tokens, noise, prior_term="kl")
+            loss = terms["recon"] + self.cfg.vae.beta * terms["kl"]
+        else:
+            terms, mean, logvar, z = self.vae(tokens, noise, prior_term="neg_entropy")
+            loss = c.lambda_vae * (terms["recon"] + self.cfg.vae.beta * terms["neg_entropy"])
+            terms["fm"] = self.dit.flow_matching_loss(self.vae.normalize(z), noise)
+            loss = loss + c.lambda_fm * terms["fm"]
+            if self.ref_encoder is not None:
+                self.ref_encoder.eval()
+                with torch.no_grad():
+                    ref_mean, ref_logvar = self.ref_encoder(tokens)
+                terms["kl_ref"] = gaussian_kl(mean, logvar, ref_mean, ref_logvar).mean()
+                loss = loss + c.lambda_ref * terms["kl_ref"]
+        if "mask_ce" in terms:
+            loss = loss + (c.lambda_vae if self.stage == 2 else 1.0) * self.cfg.vae.mask_weight * terms["mask_ce"]
+        terms["loss"] = loss
+        return terms
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def sample(self, prompts: list[list[int]], max_new_tokens: int, *, steps: int = 8, guidance: float = 1.0,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, pad_id: int = 0,
+               generator: torch.Generator | None = None) -> list[list[int]]:
+        """Block-wise generation. Prompts are left-padded with `pad_id` (the EOS/document
+        separator) to a whole number of DiT blocks and encoded; then, per block: integrate
+        the prior with `steps` Euler steps (guidance w), decode the block with the decoder's
+        KV cache, sample its tokens, and append its clean latent to the DiT's KV cache."""
+        if self.dit is None:
+            raise RuntimeError("sampling needs the DiT prior: train with model.cola.stage=2")
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        bs = self.cfg.dit.block_size
+        n = max(len(p) for p in prompts)
+        n = max(bs, -(-n // bs) * bs)
+        toks = torch.tensor([[pad_id] * (n - len(p)) + list(p) for p in prompts], device=device)
+        B = toks.shape[0]
+        mean, _ = self.vae.encoder(toks)
+        dit_cache, dec_cache = self.dit.net.new_cache(), self.vae.decoder.net.new_cache()
+        self.dit.extend_history(dit_cache, self.vae.normalize(mean), 0)
+        self.vae.decoder(mean, cache=dec_cache)  # decoder history = the prompt's latents
+        out = [[] for _ in range(B)]
+        pos = n
+        while len(out[0]) < max_new_tokens:
+            zn = self.dit.sample_block(dit_cache, pos, B, steps, guidance, generator, device)
+            logits = self.vae.decoder(self.vae.denormalize(zn), cache=dec_cache)
+            new = sample_token(logits, temperature, top_k, top_p, generator)
+            for i in range(B):
+                out[i].extend(new[i].tolist())
+            self.dit.extend_history(dit_cache, zn, pos)
+            pos += bs
+        self.train(was_training)
+        return [o[:max_new_tokens] for o in out]
+
+    @torch.no_grad()
+    def reconstruct(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Greedy decode of the posterior mean: what stage 1 can show without a prior."""
+        mean, _ = self.vae.encoder(tokens)
+        return self.vae.decoder(mean).argmax(-1)
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: VAE encoder + decoder on L tokens, plus the DiT on the
+        2L-long [clean | noisy] layout (so twice its per-position cost per token)."""
+        L = self.cfg.seq_len
+        v = self.cfg.vae
+        total = transformer_flops(v.encoder, L / 2).train + transformer_flops(v.decoder, L / 2).train
+        total += 6.0 * v.decoder.dim * self.cfg.vocab_size  # output head
+        if self.dit is not None:
+            total += 2 * transformer_flops(self.cfg.dit.net, L / 2, adaln=True).train
+        return total

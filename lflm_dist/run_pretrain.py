@@ -1,0 +1,46 @@
+"""Body of launchers/pretrain.py: train, then report validation terms and samples."""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from lflm_dist.config import load_config
+from lflm_dist.data.loader import eval_batches
+from lflm_dist.data.shards import ShardError
+from lflm_dist.generate import can_sample, generate_text, reconstruct_text
+from lflm_dist.parallel import unwrap
+from lflm_dist.train.dist import barrier, destroy
+from lflm_dist.train.trainer import NonFiniteLossError, Trainer
+
+
+def main(config_path: str, overrides: list[str]) -> int:
+    try:
+        cfg = load_config(config_path, overrides)
+        trainer = Trainer(cfg)
+        final = trainer.fit()
+    except (ValueError, FileNotFoundError, ShardError, NonFiniteLossError) as e:  # ConfigError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        destroy()
+        return 2
+    if trainer.d.is_main:
+        print("\nvalidation: " + "  ".join(f"{k}={v:.4f}" for k, v in final.items()))
+        report_samples(trainer)
+    barrier()
+    destroy()
+    return 0
+
+
+def report_samples(trainer: Trainer) -> None:
+    model, tok, s = unwrap(trainer.model), trainer.tokenizer, trainer.cfg.sample
+    if s.num_samples <= 0:
+        return
+    if can_sample(model):
+        texts = generate_text(model, tok, [s.prompt] * s.num_samples, s, seed=trainer.cfg.train.seed)
+        for i, t in enumerate(texts):
+            print(f"\n--- sample {i} (prompt {s.prompt!r}, {s.steps} steps, guidance {s.guidance}) ---\n{s.prompt}{t}")
+    else:
+        batch = next(iter(eval_batches(trainer.valid_dir, batch_size=s.num_samples, seq_len=trainer.cfg.model.seq_len)))
+        for i, (orig, rec) in enumerate(reconstruct_text(model, tok, batch["input_ids"])):
+            print(f"\n--- reconstruction {i} (stage 1 has no prior to sample) ---\n[in ] {orig!r}\n[out] {rec!r}")
+    model.train()

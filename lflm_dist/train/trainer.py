@@ -1,0 +1,216 @@
+"""The one training loop every model family uses.
+
+Per optimizer step: the rank's share of the global batch (global_batch_size / world size)
+is split into `grad_accum` micro-batches; each sample carries a noise key derived from
+(seed, step, global position) so the loss is the same however the batch is split across
+processes and micro-batches. Loss terms are averaged over micro-batches and ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from lflm_dist.config import Config, ConfigError, save_config
+from lflm_dist.data.loader import TokenBatches, eval_batches
+from lflm_dist.data.shards import read_manifest
+from lflm_dist.data.tokenizer import Tokenizer
+from lflm_dist.models.noise import sample_keys
+from lflm_dist.models.registry import build_model, count_params
+from lflm_dist.parallel import parallelize, unwrap
+from lflm_dist.train import checkpoint as ckpt
+from lflm_dist.train.dist import DistInfo, all_reduce_mean, barrier, init_distributed
+from lflm_dist.train.logging import MetricsLogger
+from lflm_dist.train.optim import build_optimizer, lr_at, set_lr
+
+EVAL_SEED = 0x5EED
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def resolve_vocab(cfg: Config) -> Tokenizer:
+    """Load the run's tokenizer and fill model.vocab_size from it."""
+    tok_path = Path(cfg.data.path) / "tokenizer.json"
+    if not tok_path.is_file():
+        raise FileNotFoundError(f"{tok_path} not found: data.path must point at a prepared data dir "
+                                "(run `make data` or data_tools/make_shards.py first)")
+    tok = Tokenizer.load(tok_path)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = tok.vocab_size
+    elif cfg.model.vocab_size < tok.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tok.vocab_size}; set model.vocab_size=0 to take it from the tokenizer")
+    return tok
+
+
+def autocast(cfg: Config, device: torch.device):
+    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dist_info: DistInfo | None = None):
+        self.cfg = cfg
+        self.d = dist_info or init_distributed(cfg.parallel.backend)
+        if self.d.world_size > 1 and self.d.device.type == "cpu":
+            torch.set_num_threads(max(1, torch.get_num_threads() // self.d.world_size))
+        t = cfg.train
+        if t.global_batch_size % (self.d.world_size * t.grad_accum):
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be divisible by world size "
+                              f"({self.d.world_size}) x train.grad_accum ({t.grad_accum})")
+        self.run_dir = Path(cfg.run.dir)
+        self.tokenizer = resolve_vocab(cfg)
+        self.train_dir = Path(cfg.data.path) / cfg.data.train_split
+        self.valid_dir = Path(cfg.data.path) / cfg.data.valid_split
+        self.resume_from = ckpt.latest_checkpoint(self.run_dir)
+        torch.manual_seed(t.seed)
+        model = build_model(cfg.model, init_pretrained=self.resume_from is None)
+        self.n_params = count_params(model)
+        self.flops_per_token = model.flops_per_token()
+        self.model = parallelize(model, cfg.parallel, self.d.device)
+        self.optimizer = build_optimizer(unwrap(self.model), t)
+        self.loader = TokenBatches(self.train_dir, global_batch_size=t.global_batch_size, rank=self.d.rank,
+                                   world_size=self.d.world_size, seed=t.seed, num_workers=cfg.data.num_workers,
+                                   mode=cfg.data.loader, seq_len=cfg.model.seq_len)
+        self.step = 0
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
+
+    # ------------------------------------------------------------------ state
+    def _resume(self, path: Path) -> None:
+        state = ckpt.load_trainer_state(path)
+        ckpt.load_model_weights(unwrap(self.model), path)
+        ckpt.load_optimizer(self.optimizer, path)
+        self.loader.load_state_dict(state["loader"])
+        self.step = state["step"]
+        rng = path / f"rng_rank{self.d.rank}.pt"
+        if state["world_size"] == self.d.world_size and rng.is_file():
+            ckpt.load_rng(rng)
+        elif self.d.is_main:
+            print(f"[resume] world size changed {state['world_size']} -> {self.d.world_size}: model and data "
+                  "position restored; process RNG re-seeded (training noise is keyed per sample, unaffected)")
+        if self.d.is_main:
+            print(f"[resume] from {path} at step {self.step}")
+
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "world_size": self.d.world_size, "loader": self.loader.state_dict(),
+                "lr": lr_at(max(0, self.step - 1), self.cfg.train), "n_params": self.n_params}
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.run_dir, self.step, unwrap(self.model), self.optimizer,
+                                    self._trainer_state(), self.d.rank, self.cfg.train.keep_checkpoints)
+
+    # ------------------------------------------------------------------ loop
+    def _micro_batches(self, batch: dict, step: int):
+        t = self.cfg.train
+        x = batch["input_ids"]
+        b = x.shape[0]
+        keys = sample_keys(t.seed, step, self.d.rank * b, b)
+        m = b // t.grad_accum
+        for i in range(t.grad_accum):
+            yield {"input_ids": x[i * m:(i + 1) * m].to(self.d.device), "noise_key": keys[i * m:(i + 1) * m].to(self.d.device)}
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        t = self.cfg.train
+        set_lr(self.optimizer, lr_at(self.step, t))
+        sums: dict[str, torch.Tensor] = {}
+        micro = list(self._micro_batches(batch, self.step))
+        for i, mb in enumerate(micro):
+            sync = i == len(micro) - 1 or not hasattr(self.model, "no_sync")
+            with (contextlib.nullcontext() if sync else self.model.no_sync()), autocast(self.cfg, self.d.device):
+                terms = self.model(mb)
+            (terms["loss"] / t.grad_accum).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / t.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(self.model).parameters(),
+                                                   t.grad_clip if t.grad_clip > 0 else float("inf"))
+        names = sorted(sums)
+        vals = all_reduce_mean(torch.stack([sums[k] for k in names] + [grad_norm.float()]))
+        out = dict(zip(names + ["grad_norm"], vals.tolist()))
+        if not math.isfinite(out["loss"]):
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.step + 1}: {out}. Nothing was updated at this step; the last "
+                f"checkpoint in {ckpt.checkpoint_dir(self.run_dir)} is intact. Lower train.lr, raise "
+                "train.warmup_steps or check the data, then re-run the same command to resume.")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        out["lr"] = lr_at(self.step - 1, t)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
+        """Mean loss terms over validation batches; noise keys fixed per sample position so
+        the numbers do not depend on world size."""
+        model = self.model
+        model.eval()
+        b = max(1, self.cfg.train.global_batch_size // self.d.world_size)
+        sums, n = {}, 0
+        for i, batch in enumerate(eval_batches(self.valid_dir, batch_size=b * self.d.world_size, rank=self.d.rank,
+                                               world_size=self.d.world_size, max_batches=max_batches,
+                                               seq_len=self.cfg.model.seq_len)):
+            x = batch["input_ids"].to(self.d.device)
+            keys = sample_keys(EVAL_SEED, i, self.d.rank * x.shape[0], x.shape[0]).to(self.d.device)
+            with autocast(self.cfg, self.d.device):
+                terms = unwrap(model).loss({"input_ids": x, "noise_key": keys})
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.float()
+            n += 1
+        model.train()
+        if n == 0:
+            return {}
+        names = sorted(sums)
+        vals = all_reduce_mean(torch.stack([sums[k] / n for k in names]))
+        return dict(zip(names, vals.tolist()))
+
+    def fit(self, stop_at: int | None = None) -> dict[str, float]:
+        """Train to train.max_steps (or return early after `stop_at` steps, as a crash would:
+        no extra checkpoint, no final evaluation), then evaluate on the validation split."""
+        cfg, t = self.cfg, self.cfg.train
+        if self.d.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            shutil.copyfile(Path(cfg.data.path) / "tokenizer.json", self.run_dir / "tokenizer.json")
+        barrier()
+        logger = MetricsLogger(cfg, self.run_dir, self.d.is_main, resume_step=self.step,
+                               extra={"n_params": self.n_params, "world_size": self.d.world_size})
+        if self.d.is_main:
+            print(f"[train] {cfg.model.family} stage={cfg.model.cola.stage if cfg.model.family == 'cola' else '-'} "
+                  f"params={self.n_params / 1e6:.2f}M world={self.d.world_size} device={self.d.device} "
+                  f"global_batch={t.global_batch_size}x{cfg.model.seq_len} steps={self.step}->{t.max_steps}")
+        tokens_per_step = t.global_batch_size * cfg.model.seq_len
+        bar = logger.progress(self.step, t.max_steps)
+        it = iter(self.loader)
+        try:
+            while self.step < t.max_steps:
+                t0 = time.perf_counter()
+                batch = next(it)
+                out = self.train_step(batch)
+                dt = time.perf_counter() - t0
+                out.update(step=self.step, step_time_s=dt, tokens_per_s=tokens_per_step / dt,
+                           flops_per_s=self.flops_per_token * tokens_per_step / dt,
+                           peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    logger.log(out)
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.4f}", tok_s=f"{out['tokens_per_s']:.0f}")
+                if t.eval_every and self.step % t.eval_every == 0:
+                    logger.log({"step": self.step, **{f"valid/{k}": v for k, v in self.evaluate(t.eval_batches).items()}})
+                if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
+                    self.save()
+                if stop_at is not None and self.step >= stop_at:
+                    logger.close()
+                    return {}
+        finally:
+            bar.close()
+        final = self.evaluate(t.eval_batches)
+        logger.log({"step": self.step, **{f"valid/{k}": v for k, v in final.items()}})
+        logger.close()
+        return final

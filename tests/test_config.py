@@ -1,0 +1,50 @@
+"""Config loading: YAML + dotted overrides, errors that name the key."""
+import pytest
+
+from lflm_dist.config import ConfigError, load_config
+
+
+def test_shipped_configs_load():
+    for name in ("cola_tiny_vae", "cola_tiny", "ar_tiny"):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert cfg.run.dir == f"runs/{name}"
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config("configs/cola_tiny.yaml", ["train.max_steps=7", "train.lr=1e-3", "model.vae.beta=0",
+                                                 "run.dir=/tmp/x"])
+    assert cfg.train.max_steps == 7 and cfg.train.lr == 1e-3 and cfg.model.vae.beta == 0.0
+    assert isinstance(cfg.model.vae.beta, float) and cfg.run.dir == "/tmp/x"
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.max_step=5", "train.max_step"),           # typo: unknown key, with a suggestion
+    ("train.max_steps=five", "train.max_steps"),      # wrong type
+    ("model.vae.latent_dim=1.5", "model.vae.latent_dim"),
+    ("parallel.strategy=zero9", "parallel.strategy"),
+    ("model.seq_len=30", "model.seq_len"),            # not a multiple of the block size
+    ("train.global_batch_size=0", "train.global_batch_size"),
+    ("model.dit.block_size=6", "model.dit.block_size"),
+    ("trainn.seed=1", "trainn"),
+])
+def test_errors_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/cola_tiny.yaml", [override])
+    assert needle in str(e.value)
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(ConfigError, match="did you mean train.max_steps"):
+        load_config(None, ["train.max_step=5"])
+
+
+def test_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad.write_text("train:\n  nope: 1\n")
+    with pytest.raises(ConfigError, match="train.nope"):
+        load_config(bad)
