@@ -57,14 +57,14 @@ class ColaDLM(nn.Module):
             terms, *_ = self.vae(tokens, noise, prior_term="kl")
             loss = terms["recon"] + self.cfg.vae.beta * terms["kl"]
         else:
-            terms, mean, logvar, z = self.vae(tokens, noise, prior_term="neg_entropy")
+            terms, mean, logvar, z, enc_in = self.vae(tokens, noise, prior_term="neg_entropy")
             loss = c.lambda_vae * (terms["recon"] + self.cfg.vae.beta * terms["neg_entropy"])
             terms["fm"] = self.dit.flow_matching_loss(self.vae.normalize(z), noise)
             loss = loss + c.lambda_fm * terms["fm"]
             if self.ref_encoder is not None:
                 self.ref_encoder.eval()
                 with torch.no_grad():
-                    ref_mean, ref_logvar = self.ref_encoder(tokens)
+                    ref_mean, ref_logvar = self.ref_encoder(enc_in)  # same (masked) input as q_phi
                 terms["kl_ref"] = gaussian_kl(mean, logvar, ref_mean, ref_logvar).mean()
                 loss = loss + c.lambda_ref * terms["kl_ref"]
         if "mask_ce" in terms:

@@ -99,7 +99,7 @@ class TextVAE(nn.Module):
         return zn / self.latent_scale + self.latent_shift
 
     def forward(self, tokens: torch.Tensor, noise: Noise, prior_term: str = "kl"):
-        """Returns (terms, mean, logvar, z). `prior_term` "kl" gives KL to N(0, I) (stage 1);
+        """Returns (terms, mean, logvar, z, encoder input). `prior_term` "kl" gives KL to N(0, I) (stage 1);
         "neg_entropy" gives E_q log q = -H(q) (stage 2, where the DiT is the prior)."""
         enc_in, masked = (self.mask_tokens(tokens, noise) if self.training and self.cfg.mask_prob > 0
                           else (tokens, None))
@@ -120,4 +120,4 @@ class TextVAE(nn.Module):
             terms["recon_acc"] = (logits.argmax(-1) == tokens).float().mean()
         if self.training and self.track_latent_stats:
             self.update_latent_stats(mean)
-        return terms, mean, logvar, z
+        return terms, mean, logvar, z, enc_in
