@@ -23,6 +23,7 @@ class DistInfo:
 def init_distributed(backend: str = "auto") -> DistInfo:
     """Initialise torch.distributed when launched with more than one process (torchrun sets
     RANK/WORLD_SIZE/LOCAL_RANK); one process runs without a process group."""
+    _from_slurm()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -35,6 +36,18 @@ def init_distributed(backend: str = "auto") -> DistInfo:
             backend = "nccl" if cuda else "gloo"
         dist.init_process_group(backend=backend, device_id=device if cuda else None)
     return DistInfo(rank, world, local, device)
+
+
+def _from_slurm() -> None:
+    """Under `srun` (one task per process, no torchrun), map SLURM's variables onto the
+    torch.distributed ones; torchrun/deepspeed-set variables win."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+    os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
 
 
 def barrier() -> None:
