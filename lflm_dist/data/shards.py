@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import hashlib
 import io
 import json
 import os
@@ -22,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .corpus import Document, documents_sha256
+from .corpus import Document, documents_sha256, sha256_file
 from .tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
@@ -66,14 +65,6 @@ def _npy_bytes(row: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _tmp_path(out_dir: Path, name: str) -> Path:
     return out_dir / f".{name}.tmp"
 
@@ -101,7 +92,7 @@ def _write_tmp_shards(rows: Iterable[np.ndarray], out_dir: Path, seq_len: int,
         tf.close()
     for e in entries:
         tmp = _tmp_path(out_dir, e["name"])
-        e["bytes"], e["sha256"] = tmp.stat().st_size, _sha256_file(tmp)
+        e["bytes"], e["sha256"] = tmp.stat().st_size, sha256_file(tmp)
     return entries
 
 
@@ -225,7 +216,7 @@ def verify_shards(split_dir: str | os.PathLike, manifest: dict) -> list[str]:
         path = Path(split_dir) / e["name"]
         if not path.is_file():
             problems.append(f"{path}: missing")
-        elif (digest := _sha256_file(path)) != e["sha256"]:
+        elif (digest := sha256_file(path)) != e["sha256"]:
             problems.append(f"{path}: sha256 {digest[:16]}... != manifest {e['sha256'][:16]}...")
     return problems
 
