@@ -118,8 +118,20 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    strategy: str = "ddp"  # ddp (one process is plain single-device training)
+    """How the model is spread over processes; applied from outside the model by
+    `lflm_dist.parallel.build_parallel` (see docs/parallel.md)."""
+    strategy: str = "ddp"  # ddp (one process is plain single-device training) | fsdp2 | deepspeed
     backend: str = "auto"  # auto: nccl on CUDA, gloo otherwise
+    tp: int = 1  # tensor-parallel degree (megatron-core); data-parallel degree = world size / tp
+    zero_stage: int = 0  # deepspeed: 1 | 2 | 3; 0 = the stage in ds_config (or 1 without one)
+    ds_config: str = ""  # deepspeed: JSON (e.g. configs/deepspeed/zero3.json) merged under the generated config
+    offload_optimizer: bool = False  # deepspeed ZeRO: optimizer state in CPU memory
+    offload_params: bool = False  # deepspeed ZeRO-3: parameters in CPU memory
+    activation_checkpointing: bool = False  # recompute each transformer block in backward
+    compile: bool = False  # torch.compile each transformer block (in place; names unchanged)
+
+
+SUPPORTED_PARALLEL = "ddp, fsdp2, deepspeed (ZeRO 1/2/3), ddp + tp (TP x DDP)"
 
 
 @dataclass
@@ -146,7 +158,8 @@ class Config:
     def validate(self) -> "Config":
         _choice("model.family", self.model.family, ("cola", "ar"))
         _choice("model.cola.stage", self.model.cola.stage, (1, 2))
-        _choice("parallel.strategy", self.parallel.strategy, ("ddp",))
+        _choice("parallel.strategy", self.parallel.strategy, ("ddp", "fsdp2", "deepspeed"))
+        self._validate_parallel()
         _choice("data.loader", self.data.loader, ("indexed", "stream"))
         _choice("train.precision", self.train.precision, ("auto", "fp32", "bf16"))
         _choice("run.wandb_mode", self.run.wandb_mode, ("offline", "online", "disabled"))
@@ -168,6 +181,36 @@ class Config:
             raise ConfigError("model.cola.ref_checkpoint is required in stage 2 when model.cola.lambda_ref > 0 "
                               "(point it at a stage-1 run dir), or set model.cola.lambda_ref=0")
         return self
+
+
+    def _validate_parallel(self) -> None:
+        p = self.parallel
+        _choice("parallel.backend", p.backend, ("auto", "nccl", "gloo"))
+        _choice("parallel.zero_stage", p.zero_stage, (0, 1, 2, 3))
+        if p.tp < 1:
+            raise ConfigError(f"parallel.tp must be >= 1, got {p.tp}")
+        if p.tp > 1 and p.strategy != "ddp":
+            raise ConfigError(f"parallel.tp={p.tp} cannot be combined with parallel.strategy={p.strategy}; "
+                              f"supported combinations: {SUPPORTED_PARALLEL}")
+        if p.strategy != "deepspeed":
+            for key in ("zero_stage", "ds_config", "offload_optimizer", "offload_params"):
+                if getattr(p, key) != getattr(ParallelConfig, key):
+                    raise ConfigError(f"parallel.{key} only applies to parallel.strategy=deepspeed "
+                                      f"(strategy is {p.strategy}); supported combinations: {SUPPORTED_PARALLEL}")
+        if p.offload_params and p.zero_stage not in (0, 3):
+            raise ConfigError("parallel.offload_params needs ZeRO stage 3 (parallel.zero_stage=3)")
+        if p.ds_config and not Path(p.ds_config).is_file():
+            raise ConfigError(f"parallel.ds_config: file not found: {p.ds_config}")
+        if p.tp > 1:
+            m = self.model
+            nets = ([("model.ar.net", m.ar.net)] if m.family == "ar" else
+                    [("model.vae.encoder", m.vae.encoder), ("model.vae.decoder", m.vae.decoder)]
+                    + ([("model.dit.net", m.dit.net)] if m.cola.stage == 2 else []))
+            for name, net in nets:
+                hidden = int(-(-net.ffn_mult * net.dim // 8) * 8)
+                if net.n_heads % p.tp or hidden % p.tp:
+                    raise ConfigError(f"parallel.tp={p.tp} must divide {name}.n_heads ({net.n_heads}) and its "
+                                      f"SwiGLU hidden size ({hidden})")
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:

@@ -14,6 +14,8 @@ from lflm_dist.train.checkpoint import load_model_weights, resolve_checkpoint
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, Tokenizer]:
     """Model (weights of the latest checkpoint, eval mode), resolved config and tokenizer of a run dir."""
     run_dir = Path(run_dir)
+    if is_exported(run_dir):
+        return load_exported(run_dir, device)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: --run must be a run dir written by launchers/pretrain.py")
@@ -21,6 +23,33 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[t
     tok = Tokenizer.load(run_dir / "tokenizer.json")
     model = build_model(cfg.model, init_pretrained=False)
     load_model_weights(model, resolve_checkpoint(run_dir))
+    return model.to(device).eval(), cfg, tok
+
+
+def is_exported(path: str | Path) -> bool:
+    """A dir written by launchers/export.py (plain safetensors, no checkpoints/)."""
+    p = Path(path)
+    return (p / "config.yaml").is_file() and any((p / f).is_file() for f in ("vae.safetensors", "model.safetensors"))
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, Tokenizer]:
+    """Model (eval mode), config and tokenizer of an exported dir: needs only safetensors,
+    the model code and the tokenizer, no training stack."""
+    from safetensors.torch import load_file
+    p = Path(path)
+    cfg = load_config(p / "config.yaml")
+    tok = Tokenizer.load(p / "tokenizer.json")
+    model = build_model(cfg.model, init_pretrained=False)
+    if (p / "model.safetensors").is_file():
+        state = load_file(str(p / "model.safetensors"))
+    else:
+        state = {f"{part}.{k}": v for part in ("vae", "dit") if (p / f"{part}.safetensors").is_file()
+                 for k, v in load_file(str(p / f"{part}.safetensors")).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("ref_encoder.")]  # the frozen reference is not exported
+    if missing or unexpected:
+        raise RuntimeError(f"{p}: exported weights do not match its config.yaml (missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]})")
     return model.to(device).eval(), cfg, tok
 
 

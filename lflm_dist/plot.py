@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-NOT_TERMS = {"step", "lr", "grad_norm", "step_time_s", "tokens_per_s", "flops_per_s", "peak_rss_mb"}
+NOT_TERMS = {"step", "lr", "grad_norm", "step_time_s", "tokens_per_s", "flops_per_s", "peak_rss_mb", "mfu", "peak_mem_mb"}
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

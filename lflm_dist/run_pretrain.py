@@ -23,16 +23,18 @@ def main(config_path: str, overrides: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         destroy()
         return 2
+    # collective: sharded strategies (FSDP2, ZeRO-3, TP) gather a plain model on rank 0 to sample
+    plain = trainer.full_model() if trainer.cfg.sample.num_samples > 0 else None
     if trainer.d.is_main:
         print("\nvalidation: " + "  ".join(f"{k}={v:.4f}" for k, v in final.items()))
-        report_samples(trainer)
+        report_samples(trainer, plain)
     barrier()
     destroy()
     return 0
 
 
-def report_samples(trainer: Trainer) -> None:
-    model, tok, s = unwrap(trainer.model), trainer.tokenizer, trainer.cfg.sample
+def report_samples(trainer: Trainer, model=None) -> None:
+    model, tok, s = model if model is not None else unwrap(trainer.model), trainer.tokenizer, trainer.cfg.sample
     if s.num_samples <= 0:
         return
     if can_sample(model):

@@ -104,7 +104,7 @@ class Attention(nn.Module):
             k, v = cache.extend(k, v, commit)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.wo(y.transpose(1, 2).reshape(B, T, D))
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # -1: heads may be split by TP
 
 
 def ffn_hidden(cfg: TransformerConfig) -> int:

@@ -19,10 +19,9 @@ def build_model(cfg: ModelConfig, init_pretrained: bool = True) -> nn.Module:
         raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer)")
     model = FAMILIES[cfg.family](cfg)
     if init_pretrained and cfg.family == "cola" and cfg.cola.stage == 2 and cfg.cola.ref_checkpoint:
-        from lflm_dist.train.checkpoint import resolve_checkpoint
-        from safetensors.torch import load_file
-        ckpt = resolve_checkpoint(cfg.cola.ref_checkpoint)
-        model.load_stage1(load_file(str(ckpt / "model.safetensors")), ckpt)
+        from lflm_dist.train.checkpoint import read_model_state, resolve_checkpoint
+        ckpt = resolve_checkpoint(cfg.cola.ref_checkpoint)  # any strategy's checkpoint format
+        model.load_stage1(read_model_state(ckpt), ckpt)
     return model
 
 

@@ -1,21 +1,114 @@
-"""Apply the configured data-parallel strategy to a built model."""
+"""Apply the configured parallel strategy to a built model, from outside it (torchtitan's
+`parallelize`): TP swap -> activation checkpointing / compile -> DDP | FSDP2 | DeepSpeed."""
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from lflm_dist.config import ParallelConfig
+from lflm_dist.config import SUPPORTED_PARALLEL, Config, ConfigError, ParallelConfig
 
 
 def parallelize(model: torch.nn.Module, cfg: ParallelConfig, device: torch.device) -> torch.nn.Module:
+    """Data parallelism only (kept for callers that want a module, not an engine)."""
     model = model.to(device)
     if cfg.strategy == "ddp":
         if dist.is_initialized() and dist.get_world_size() > 1:
             return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         return model
-    raise ValueError(f"parallel.strategy={cfg.strategy!r} is not supported; supported: ddp")
+    raise ValueError(f"parallel.strategy={cfg.strategy!r}: use build_parallel (supported: {SUPPORTED_PARALLEL})")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    if isinstance(model, DistributedDataParallel):
+        return model.module
+    if hasattr(model, "module") and type(model).__name__ == "DeepSpeedEngine":
+        return model.module
+    return model
+
+
+def needs_process_group(cfg: ParallelConfig) -> bool:
+    """FSDP2, DeepSpeed and TP need a process group even with one process."""
+    return cfg.strategy != "ddp" or cfg.tp > 1
+
+
+def build_parallel(model: torch.nn.Module, cfg: Config, device: torch.device):
+    """Return an `Engine` (lflm_dist.parallel.engine) driving `model` under cfg.parallel."""
+    from lflm_dist.parallel import engine as E
+    from lflm_dist.parallel.fsdp import apply_activation_checkpointing, apply_compile, apply_fsdp2, mixed_precision
+    from lflm_dist.train.optim import build_optimizer
+    p, world = cfg.parallel, (dist.get_world_size() if dist.is_initialized() else 1)
+    if world % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} must divide the number of processes ({world}); "
+                          f"supported combinations: {SUPPORTED_PARALLEL}")
+    dp_rank, dp_size = (dist.get_rank() if dist.is_initialized() else 0), world
+    model = model.to(device)
+    if p.tp > 1:
+        from lflm_dist.parallel import tp as tpmod
+        tpmod.init_tp(p.tp)
+        tpmod.apply_tp(model, p.tp)
+        _, _, dp_rank, dp_size = tpmod.coords()
+    if p.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if p.compile:
+        apply_compile(model)
+
+    if p.strategy == "ddp":
+        wrapped = model
+        if dp_size > 1:
+            group = None
+            if p.tp > 1:
+                from lflm_dist.parallel import tp as tpmod
+                group = tpmod.dp_group()
+            wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              process_group=group)
+        return E.DDPEngine(model, wrapped, build_optimizer(model, cfg.train), dp_rank, dp_size, tp=p.tp,
+                           device_type=device.type)
+
+    if p.strategy == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(device.type, (world,))  # tp > 1 is rejected by Config.validate
+        apply_fsdp2(model, mesh, mixed_precision(device, cfg.train.precision))
+        return E.FSDPEngine(model, model, build_optimizer(model, cfg.train), dp_rank, dp_size, tp=p.tp,
+                            device_type=device.type)
+
+    if p.strategy == "deepspeed":
+        if device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+        ds_cfg = deepspeed_config(cfg, world, device)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.train),
+                                               config=ds_cfg, dist_init_required=False)
+        return E.DeepSpeedEngine(engine, ds_cfg["zero_optimization"]["stage"], dp_rank, dp_size)
+    raise ConfigError(f"parallel.strategy={p.strategy!r}; supported: {SUPPORTED_PARALLEL}")
+
+
+def deepspeed_config(cfg: Config, world: int, device: torch.device) -> dict:
+    """DeepSpeed config: parallel.ds_config (JSON) if given, with batch sizes, clipping,
+    precision and the ZeRO stage / offload taken from this run's config."""
+    p, t = cfg.parallel, cfg.train
+    base = json.loads(Path(p.ds_config).read_text()) if p.ds_config else {}
+    zero = dict(base.get("zero_optimization", {}))
+    zero["stage"] = p.zero_stage or zero.get("stage", 1)
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    if p.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
+    base.update({
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.global_batch_size // (world * t.grad_accum),
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip if t.grad_clip > 0 else 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    })
+    base.setdefault("steps_per_print", 10 ** 9)
+    base.setdefault("wall_clock_breakdown", False)
+    return base

@@ -1,9 +1,12 @@
 """Atomic, safe-to-load checkpoints.
 
-Layout of `<run.dir>/checkpoints/step_XXXXXXXX/`:
-  model.safetensors     model weights and buffers (rank 0)
-  optimizer.pt          optimizer state (torch.save of tensors/numbers; loaded weights_only)
-  trainer.json          step, world size, data-loader position, schedule
+Layout of `<run.dir>/checkpoints/step_XXXXXXXX/`, by strategy (trainer.json "format"):
+  model.safetensors     ddp: model weights and buffers (rank 0)
+  optimizer.pt          ddp: optimizer state (torch.save of tensors/numbers; loaded weights_only)
+  dcp/                  fsdp2 and tp: torch.distributed.checkpoint of {"model", "optim"}
+                        (reshardable; TP shards are DTensors of the weight's canonical view)
+  deepspeed/            deepspeed: DeepSpeed's native save_checkpoint (ZeRO partitions)
+  trainer.json          step, world size, strategy, data-loader position, schedule
   rng_rank{R}.pt        each rank's RNG states (torch, numpy, python)
 A checkpoint is written into `.tmp-step_X` and renamed when complete, so a crash while
 saving never leaves a half checkpoint that resume would pick up.
@@ -41,13 +44,55 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint dir, or a run dir (its latest checkpoint)."""
     p = Path(path)
-    if (p / "model.safetensors").is_file():
+    if (p / "model.safetensors").is_file() or (p / "trainer.json").is_file():
         return p
     latest = latest_checkpoint(p)
     if latest is None:
         raise FileNotFoundError(f"no checkpoint found at {p}: expected a run dir with checkpoints/step_*/ "
                                 "or a checkpoint dir holding model.safetensors")
     return latest
+
+
+def checkpoint_format(path: Path) -> str:
+    tj = path / "trainer.json"
+    if tj.is_file():
+        return json.loads(tj.read_text()).get("format", "safetensors")
+    return "safetensors"
+
+
+def read_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Unsharded model state (FQN -> tensor) of any checkpoint, read offline in one process:
+    safetensors as is, DCP via its metadata (TP canonical views reshaped back to 2-D by the
+    caller's model shapes), DeepSpeed ZeRO via its zero_to_fp32 reader."""
+    path = resolve_checkpoint(path)
+    fmt = checkpoint_format(path)
+    if fmt == "safetensors":
+        return load_file(str(path / "model.safetensors"))
+    if fmt == "dcp":
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+        state = _load_state_dict_from_keys(keys={"model"}, checkpoint_id=str(path / "dcp"))
+        return dict(state["model"])
+    if fmt == "deepspeed":
+        import os
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag="deepspeed"))
+    raise ValueError(f"{path}: unknown checkpoint format {fmt!r}")
+
+
+def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source="checkpoint",
+                    strict: bool = True) -> None:
+    """Load an unsharded state into a plain model; tensors stored in another (TP canonical)
+    view of the same size are reshaped to the model's shape."""
+    own = model.state_dict()
+    # megatron's parallel linears add `_extra_state` entries (None); a plain model has none
+    state = {k: v for k, v in state.items() if not (k.endswith("._extra_state") and k not in own)}
+    fixed = {k: (v.reshape(own[k].shape) if k in own and v.shape != own[k].shape and v.numel() == own[k].numel()
+                 else v) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(fixed, strict=False)
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"{source} does not match the model: missing keys {missing[:5]}, "
+                           f"unexpected keys {unexpected[:5]}; was it written with a different model config?")
 
 
 def rng_state() -> dict:
@@ -67,8 +112,11 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
-def save_checkpoint(run_dir, step: int, model, optimizer, trainer_state: dict, rank: int, keep: int = 2) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint path."""
+def save_checkpoint(run_dir, step: int, model, optimizer, trainer_state: dict, rank: int, keep: int = 2,
+                    engine=None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint path. With an `engine`
+    (lflm_dist.parallel.engine), model and optimizer state are written by the engine in its
+    strategy's format; otherwise rank 0 writes model.safetensors + optimizer.pt."""
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
@@ -77,9 +125,13 @@ def save_checkpoint(run_dir, step: int, model, optimizer, trainer_state: dict, r
         tmp.mkdir(parents=True)
     barrier()
     torch.save(_rng_for_save(), tmp / f"rng_rank{rank}.pt")
-    if rank == 0:
+    if engine is not None:
+        engine.save(tmp, rank)
+    elif rank == 0:
         save_file(model_state(model), tmp / "model.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    barrier()
+    if rank == 0:  # trainer.json last: its presence marks a complete checkpoint
         (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
     barrier()
     if rank == 0:
@@ -114,11 +166,10 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def load_model_weights(model: torch.nn.Module, path: Path, strict: bool = True) -> None:
-    state = load_file(str(path / "model.safetensors") if path.is_dir() else str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if strict and (missing or unexpected):
-        raise RuntimeError(f"checkpoint {path} does not match the model: missing keys {missing[:5]}, "
-                           f"unexpected keys {unexpected[:5]}; was it written with a different model config?")
+    """Weights of any checkpoint format (or a .safetensors file) into a plain model."""
+    path = Path(path)
+    state = read_model_state(path) if path.is_dir() else load_file(str(path))
+    load_state_into(model, state, f"checkpoint {path}", strict)
 
 
 def load_trainer_state(path: Path) -> dict:

@@ -20,9 +20,10 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(backend: str = "auto") -> DistInfo:
+def init_distributed(backend: str = "auto", force: bool = False) -> DistInfo:
     """Initialise torch.distributed when launched with more than one process (torchrun sets
-    RANK/WORLD_SIZE/LOCAL_RANK); one process runs without a process group."""
+    RANK/WORLD_SIZE/LOCAL_RANK); one process runs without a process group unless `force`
+    (FSDP2 / DeepSpeed / TP need one even alone: a 1-process group on a free local port)."""
     _from_slurm()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -31,7 +32,13 @@ def init_distributed(backend: str = "auto") -> DistInfo:
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    if force and world == 1 and not dist.is_initialized() and "MASTER_ADDR" not in os.environ:
+        import socket
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(sk.getsockname()[1]), RANK="0",
+                              WORLD_SIZE="1", LOCAL_RANK="0")
+    if (world > 1 or force) and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if cuda else "gloo"
         dist.init_process_group(backend=backend, device_id=device if cuda else None)

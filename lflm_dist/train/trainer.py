@@ -8,8 +8,8 @@ processes and micro-batches. Loss terms are averaged over micro-batches and rank
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +22,8 @@ from lflm_dist.data.shards import read_manifest
 from lflm_dist.data.tokenizer import Tokenizer
 from lflm_dist.models.noise import sample_keys
 from lflm_dist.models.registry import build_model, count_params
-from lflm_dist.parallel import parallelize, unwrap
+from lflm_dist.parallel import build_parallel, needs_process_group, unwrap
+from lflm_dist.parallel.mfu import device_peak, peak_memory_mb
 from lflm_dist.train import checkpoint as ckpt
 from lflm_dist.train.dist import DistInfo, all_reduce_mean, barrier, init_distributed
 from lflm_dist.train.logging import MetricsLogger
@@ -58,7 +59,7 @@ def autocast(cfg: Config, device: torch.device):
 class Trainer:
     def __init__(self, cfg: Config, dist_info: DistInfo | None = None):
         self.cfg = cfg
-        self.d = dist_info or init_distributed(cfg.parallel.backend)
+        self.d = dist_info or init_distributed(cfg.parallel.backend, force=needs_process_group(cfg.parallel))
         if self.d.world_size > 1 and self.d.device.type == "cpu":
             torch.set_num_threads(max(1, torch.get_num_threads() // self.d.world_size))
         t = cfg.train
@@ -74,10 +75,14 @@ class Trainer:
         model = build_model(cfg.model, init_pretrained=self.resume_from is None)
         self.n_params = count_params(model)
         self.flops_per_token = model.flops_per_token()
-        self.model = parallelize(model, cfg.parallel, self.d.device)
-        self.optimizer = build_optimizer(unwrap(self.model), t)
-        self.loader = TokenBatches(self.train_dir, global_batch_size=t.global_batch_size, rank=self.d.rank,
-                                   world_size=self.d.world_size, seed=t.seed, num_workers=cfg.data.num_workers,
+        # strategy applied from outside the model: DDP | FSDP2 | DeepSpeed ZeRO, optionally megatron TP
+        self.engine = build_parallel(model, cfg, self.d.device)
+        self.model, self.optimizer = self.engine.model, self.engine.optimizer
+        self.dp_rank, self.dp_size = self.engine.dp_rank, self.engine.dp_size  # TP ranks share a batch
+        bf16 = t.precision == "bf16" or (t.precision == "auto" and self.d.device.type == "cuda")
+        self.peak_flops = device_peak(self.d.device, bf16)  # dense peak of one device (CPU: measured, cached)
+        self.loader = TokenBatches(self.train_dir, global_batch_size=t.global_batch_size, rank=self.dp_rank,
+                                   world_size=self.dp_size, seed=t.seed, num_workers=cfg.data.num_workers,
                                    mode=cfg.data.loader, seq_len=cfg.model.seq_len)
         self.step = 0
         if self.resume_from is not None:
@@ -86,8 +91,8 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def _resume(self, path: Path) -> None:
         state = ckpt.load_trainer_state(path)
-        ckpt.load_model_weights(unwrap(self.model), path)
-        ckpt.load_optimizer(self.optimizer, path)
+        self._check_resumable(path, state)
+        self.engine.load(path, state)
         self.loader.load_state_dict(state["loader"])
         self.step = state["step"]
         rng = path / f"rng_rank{self.d.rank}.pt"
@@ -99,48 +104,87 @@ class Trainer:
         if self.d.is_main:
             print(f"[resume] from {path} at step {self.step}")
 
+    def _check_resumable(self, path: Path, state: dict) -> None:
+        fmt, have = state.get("format", "safetensors"), self.engine.ckpt_format
+        was = f"strategy={state.get('strategy', 'ddp')} tp={state.get('tp', 1)}"
+        now = f"strategy={self.cfg.parallel.strategy} tp={self.cfg.parallel.tp}"
+        if fmt != have:
+            raise ConfigError(f"checkpoint {path} was written with {was} ({fmt} format) and this run uses {now} "
+                              f"({have} format): resume with the same parallel settings, or export it with "
+                              "launchers/export.py and start a new run from the exported weights")
+        if fmt == "deepspeed" and state["world_size"] != self.d.world_size:
+            raise ConfigError(f"checkpoint {path} was written by {state['world_size']} processes and this run has "
+                              f"{self.d.world_size}: DeepSpeed ZeRO partitions cannot be resharded on resume. Resume "
+                              f"with {state['world_size']} processes, or export the checkpoint with "
+                              "launchers/export.py and start a new run from it")
+
     def _trainer_state(self) -> dict:
         return {"step": self.step, "world_size": self.d.world_size, "loader": self.loader.state_dict(),
-                "lr": lr_at(max(0, self.step - 1), self.cfg.train), "n_params": self.n_params}
+                "lr": lr_at(max(0, self.step - 1), self.cfg.train), "n_params": self.n_params,
+                "format": self.engine.ckpt_format, "strategy": self.cfg.parallel.strategy, "tp": self.cfg.parallel.tp,
+                "zero_stage": getattr(self.engine, "zero_stage", 0)}
 
     def save(self) -> Path:
         return ckpt.save_checkpoint(self.run_dir, self.step, unwrap(self.model), self.optimizer,
-                                    self._trainer_state(), self.d.rank, self.cfg.train.keep_checkpoints)
+                                    self._trainer_state(), self.d.rank, self.cfg.train.keep_checkpoints,
+                                    engine=self.engine)
+
+    def full_model(self) -> torch.nn.Module | None:
+        """Collective: a plain, unsharded copy of the model on rank 0 (None elsewhere), for
+        sampling and export whatever the strategy."""
+        state = self.engine.full_state_dict()
+        if state is None:
+            return None
+        if self.engine.strategy == "ddp" and self.engine.tp == 1:
+            return unwrap(self.model)
+        model = build_model(self.cfg.model, init_pretrained=False)
+        ckpt.load_state_into(model, state, "consolidated state")
+        return model.to(self.d.device)
+
+    def _write_memory_report(self) -> None:
+        """memory/rank{R}.json: this rank's parameter and optimizer-state bytes after its first
+        step (what lflm_dist.parallel.plan predicts), plus peak memory."""
+        d = self.run_dir / "memory"
+        d.mkdir(parents=True, exist_ok=True)
+        rep = {"rank": self.d.rank, "world_size": self.d.world_size, "strategy": self.cfg.parallel.strategy,
+               "tp": self.cfg.parallel.tp, "zero_stage": getattr(self.engine, "zero_stage", 0),
+               **self.engine.memory_bytes(), "peak_mem_mb": peak_memory_mb(self.d.device)}
+        (d / f"rank{self.d.rank}.json").write_text(json.dumps(rep, indent=1))
 
     # ------------------------------------------------------------------ loop
     def _micro_batches(self, batch: dict, step: int):
         t = self.cfg.train
         x = batch["input_ids"]
         b = x.shape[0]
-        keys = sample_keys(t.seed, step, self.d.rank * b, b)
+        keys = sample_keys(t.seed, step, self.dp_rank * b, b)
         m = b // t.grad_accum
         for i in range(t.grad_accum):
             yield {"input_ids": x[i * m:(i + 1) * m].to(self.d.device), "noise_key": keys[i * m:(i + 1) * m].to(self.d.device)}
 
     def train_step(self, batch: dict) -> dict[str, float]:
-        t = self.cfg.train
-        set_lr(self.optimizer, lr_at(self.step, t))
+        t, eng = self.cfg.train, self.engine
+        eng.set_lr(lr_at(self.step, t))
         sums: dict[str, torch.Tensor] = {}
         micro = list(self._micro_batches(batch, self.step))
         for i, mb in enumerate(micro):
-            sync = i == len(micro) - 1 or not hasattr(self.model, "no_sync")
-            with (contextlib.nullcontext() if sync else self.model.no_sync()), autocast(self.cfg, self.d.device):
+            last = i == len(micro) - 1
+            with eng.micro_context(last), autocast(self.cfg, self.d.device):
                 terms = self.model(mb)
-            (terms["loss"] / t.grad_accum).backward()
+            eng.backward(terms["loss"], t.grad_accum, last)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / t.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(self.model).parameters(),
-                                                   t.grad_clip if t.grad_clip > 0 else float("inf"))
+        grad_norm = eng.clip_grad_norm(t.grad_clip if t.grad_clip > 0 else float("inf"))
         names = sorted(sums)
-        vals = all_reduce_mean(torch.stack([sums[k] for k in names] + [grad_norm.float()]))
-        out = dict(zip(names + ["grad_norm"], vals.tolist()))
+        # TP ranks of one data-parallel replica hold equal losses, so the mean over all ranks is the DP mean
+        vals = all_reduce_mean(torch.stack([sums[k] for k in names]))
+        out = dict(zip(names, vals.tolist()))
         if not math.isfinite(out["loss"]):
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.step + 1}: {out}. Nothing was updated at this step; the last "
                 f"checkpoint in {ckpt.checkpoint_dir(self.run_dir)} is intact. Lower train.lr, raise "
                 "train.warmup_steps or check the data, then re-run the same command to resume.")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        eng.step()
+        out["grad_norm"] = float(grad_norm) if grad_norm is not None else eng.grad_norm_after_step()
         self.step += 1
         out["lr"] = lr_at(self.step - 1, t)
         return out
@@ -151,15 +195,17 @@ class Trainer:
         the numbers do not depend on world size."""
         model = self.model
         model.eval()
-        b = max(1, self.cfg.train.global_batch_size // self.d.world_size)
+        b = max(1, self.cfg.train.global_batch_size // self.dp_size)
         sums, n = {}, 0
-        for i, batch in enumerate(eval_batches(self.valid_dir, batch_size=b * self.d.world_size, rank=self.d.rank,
-                                               world_size=self.d.world_size, max_batches=max_batches,
+        # DDP: call the module itself (no buffer broadcast); sharded strategies need their forward hooks
+        fwd = unwrap(model).loss if self.engine.strategy == "ddp" else model
+        for i, batch in enumerate(eval_batches(self.valid_dir, batch_size=b * self.dp_size, rank=self.dp_rank,
+                                               world_size=self.dp_size, max_batches=max_batches,
                                                seq_len=self.cfg.model.seq_len)):
             x = batch["input_ids"].to(self.d.device)
-            keys = sample_keys(EVAL_SEED, i, self.d.rank * x.shape[0], x.shape[0]).to(self.d.device)
+            keys = sample_keys(EVAL_SEED, i, self.dp_rank * x.shape[0], x.shape[0]).to(self.d.device)
             with autocast(self.cfg, self.d.device):
-                terms = unwrap(model).loss({"input_ids": x, "noise_key": keys})
+                terms = fwd({"input_ids": x, "noise_key": keys})
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.float()
             n += 1
@@ -180,13 +226,16 @@ class Trainer:
             shutil.copyfile(Path(cfg.data.path) / "tokenizer.json", self.run_dir / "tokenizer.json")
         barrier()
         logger = MetricsLogger(cfg, self.run_dir, self.d.is_main, resume_step=self.step,
-                               extra={"n_params": self.n_params, "world_size": self.d.world_size})
+                               extra={"n_params": self.n_params, "world_size": self.d.world_size,
+                                      "strategy": cfg.parallel.strategy, "tp": cfg.parallel.tp})
         if self.d.is_main:
             print(f"[train] {cfg.model.family} stage={cfg.model.cola.stage if cfg.model.family == 'cola' else '-'} "
-                  f"params={self.n_params / 1e6:.2f}M world={self.d.world_size} device={self.d.device} "
+                  f"params={self.n_params / 1e6:.2f}M world={self.d.world_size} strategy={cfg.parallel.strategy} "
+                  f"tp={cfg.parallel.tp} device={self.d.device} "
                   f"global_batch={t.global_batch_size}x{cfg.model.seq_len} steps={self.step}->{t.max_steps}")
         tokens_per_step = t.global_batch_size * cfg.model.seq_len
         bar = logger.progress(self.step, t.max_steps)
+        first_step = self.step
         it = iter(self.loader)
         try:
             while self.step < t.max_steps:
@@ -194,9 +243,12 @@ class Trainer:
                 batch = next(it)
                 out = self.train_step(batch)
                 dt = time.perf_counter() - t0
-                out.update(step=self.step, step_time_s=dt, tokens_per_s=tokens_per_step / dt,
-                           flops_per_s=self.flops_per_token * tokens_per_step / dt,
-                           peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                flops = self.flops_per_token * tokens_per_step / dt
+                out.update(step=self.step, step_time_s=dt, tokens_per_s=tokens_per_step / dt, flops_per_s=flops,
+                           mfu=flops / (self.peak_flops * self.d.world_size) if self.peak_flops else 0.0,
+                           peak_mem_mb=peak_memory_mb(self.d.device))
+                if self.step == first_step + 1:
+                    self._write_memory_report()
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     logger.log(out)
                 bar.update(1)
