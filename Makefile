@@ -38,6 +38,7 @@ demo: data
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) launchers/pretrain.py --config configs/cola_tiny.yaml
 
 test: $(STAMP)
+	$(PY) data_tools/fetch_reference_lm.py
 	$(PY) -m pytest -q tests
 
 clean-runs:

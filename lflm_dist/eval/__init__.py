@@ -1,0 +1,2 @@
+"""Evaluation: likelihood bounds (likelihood), sampling metrics (generation), the
+lm-evaluation-harness adapter (harness, registers model "lflm" on import) and latency."""

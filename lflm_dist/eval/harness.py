@@ -1,0 +1,159 @@
+"""lm-evaluation-harness adapter: `lm_eval --model lflm --model_args run=DIR ...` once this
+module is imported (it registers the class under the name "lflm").
+
+* `loglikelihood(context, continuation)`: AR: exact log p(continuation | context).
+  Cola DLM: −[B(context + continuation) − B(context)], B the NLL upper bound of
+  `lflm_dist.eval.likelihood` (−ELBO, or the IWAE bound with iwae_k > 1). The context is
+  left-padded with <|endoftext|> to whole DiT blocks (as the sampler pads prompts), so both
+  bounds share the same prefix layout; the difference is an estimate, not a bound.
+  Inputs longer than the model's window keep their last tokens (context truncated on the left).
+* `loglikelihood_rolling(text)`: −(the bound of `text` under `WINDOW_CONVENTION`).
+* `generate_until(context, gen_kwargs)`: the family's sampler (Cola: `steps` Euler steps per
+  block, `guidance`), cut at the first `until` string; greedy token choice unless
+  gen_kwargs sets do_sample / temperature.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from lflm_dist.eval.likelihood import BoundSettings, family_of, make_windows, window_bounds
+
+
+def _bool(x) -> bool:
+    return x if isinstance(x, bool) else str(x).lower() in ("1", "true", "yes")
+
+
+@register_model("lflm")
+class LFLM(LM):
+    def __init__(self, run: str | None = None, model=None, cfg=None, tokenizer=None, device: str | None = None,
+                 batch_size: int | str | None = 8, max_batch_size=None, iwae_k: int = 1, draws: int = 1,
+                 trace: str = "hutchinson", probes: int = 1, ode_method: str = "rk4", ode_steps: int = 8,
+                 rtol: float = 1e-4, atol: float = 1e-4, steps: int = 8, guidance: float = 1.0, seed: int = 0,
+                 **_unused):
+        super().__init__()
+        if model is None:
+            if run is None:
+                raise ValueError("lflm needs model_args run=DIR (a run dir written by launchers/pretrain.py)")
+            from lflm_dist.generate import load_run
+            model, cfg, tokenizer = load_run(run, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, self.cfg, self.tok = model.eval(), cfg, tokenizer
+        self.family = family_of(model)
+        self.seq_len = cfg.model.seq_len
+        self.block = cfg.model.dit.block_size if self.family == "cola" else 1
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
+        self.settings = BoundSettings(iwae_k=int(iwae_k), draws=int(draws), trace=trace, probes=int(probes),
+                                      method=ode_method, steps=int(ode_steps), rtol=float(rtol), atol=float(atol),
+                                      seed=int(seed))
+        self.steps, self.guidance, self.seed = int(steps), float(guidance), int(seed)
+        self._device = next(model.parameters()).device
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self.seq_len
+
+    # ------------------------------------------------------------------ scoring
+    def _bounds(self, windows: list[tuple[list[int], int]]) -> list[float]:
+        if not windows:
+            return []
+        return window_bounds(self.model, windows, pad_id=self.tok.eos_id, settings=self.settings,
+                             batch_size=self.batch_size, terms=False)["nats"]
+
+    def _cola_pair(self, ctx: list[int], cont: list[int]) -> tuple[tuple[list[int], int], tuple[list[int], int] | None]:
+        """(full window, context window) with the context left-padded to whole blocks."""
+        bs, eos = self.block, self.tok.eos_id
+        cont = cont[-(self.seq_len - bs):] if len(cont) > self.seq_len - bs else cont
+        room = self.seq_len - (-(-len(cont) // bs) * bs)  # tokens left for the padded context
+        ctx = ctx[-room:] if room > 0 else []
+        ctx_p = [eos] * ((-len(ctx)) % bs) + ctx
+        full = ctx_p + cont
+        full = full + [eos] * ((-len(full)) % bs)
+        return (full, len(ctx_p) + len(cont)), ((ctx_p, len(ctx_p)) if ctx_p else None)
+
+    @torch.no_grad()
+    def _ar_loglik(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+        eos = self.tok.eos_id
+        ids = ([eos] + ctx + cont)[-self.seq_len:]
+        x = torch.tensor([ids], device=self._device)
+        logits = self.model.logits(x[:, :-1]).float().log_softmax(-1)[0]
+        n = len(cont)
+        lp = logits[-n:].gather(-1, x[0, -n:, None]).squeeze(-1)
+        greedy = bool((logits[-n:].argmax(-1) == x[0, -n:]).all())
+        return float(lp.sum()), greedy
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        # trailing spaces of the context belong to the continuation (lm-eval convention)
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
+        return self.tok.encode(context), self.tok.encode(continuation)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = [self._encode_pair(*r.args[:2]) for r in requests]
+        if self.family == "ar":
+            return [self._ar_loglik(c, x) for c, x in pairs]
+        fulls, ctxs = zip(*[self._cola_pair(c, x) for c, x in pairs]) if pairs else ((), ())
+        full_b = self._bounds(list(fulls))
+        ctx_list = [c for c in ctxs if c is not None]
+        ctx_b = iter(self._bounds(ctx_list))
+        out = []
+        for fb, c in zip(full_b, ctxs):
+            cb = next(ctx_b) if c is not None else 0.0
+            out.append((-(fb - cb), False))
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        out = []
+        for r in requests:
+            ids = self.tok.encode(r.args[0])
+            windows = make_windows(ids, self.family, self.seq_len, self.block, self.tok.eos_id)
+            out.append(-sum(self._bounds(windows)))
+        return out
+
+    # ------------------------------------------------------------------ generation
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out = []
+        g = torch.Generator(device=self._device).manual_seed(self.seed)
+        for r in requests:
+            context, kw = r.args[0], dict(r.args[1]) if len(r.args) > 1 else {}
+            until = kw.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kw.get("max_gen_toks", 32))
+            temp = float(kw.get("temperature", 1.0 if _bool(kw.get("do_sample", False)) else 0.0))
+            ids = self.tok.encode(context)[-max(self.block, self.seq_len - self.block):]
+            toks = self.model.sample([ids], max_new, steps=self.steps, guidance=self.guidance, temperature=temp,
+                                     top_k=int(kw.get("top_k", 0)), top_p=float(kw.get("top_p", 1.0)),
+                                     pad_id=self.tok.eos_id, generator=g)[0]
+            text = self.tok.decode(toks)
+            for st in until + [self.tok.decode([self.tok.eos_id])]:
+                j = text.find(st)
+                if j >= 0:
+                    text = text[:j]
+            out.append(text)
+        return out
+
+
+def run_harness(run: str | None, tasks: list[str], *, include_path: str | None = None, limit=None,
+                num_fewshot: int | None = None, device: str = "cpu", model_kwargs: dict | None = None,
+                lm: LFLM | None = None, log_samples: bool = False, include_defaults: bool = True) -> dict:
+    """lm_eval.simple_evaluate with the lflm model (offline: no hub access); returns its results dict.
+    `include_defaults=False` indexes only the tasks under `include_path` (skips lm-eval's ~8 s scan)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    if lm is None:
+        lm = LFLM(run=run, device=device, **(model_kwargs or {}))
+    tm = TaskManager(include_path=include_path, include_defaults=include_defaults) if include_path else TaskManager()
+    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
+                                  log_samples=log_samples, bootstrap_iters=0)
+    return {"results": res["results"], "configs": {k: str(v) for k, v in res.get("configs", {}).items()},
+            "versions": res.get("versions", {}), "model": {"run": run, "family": lm.family,
+                                                           "settings": lm.settings.__dict__}}
