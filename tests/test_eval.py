@@ -326,3 +326,14 @@ def test_harness_model_is_registered_and_generates(ar_run):
 def test_every_cli_has_help(args):
     p = subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0 and "usage" in p.stdout.lower(), p.stderr
+
+
+def test_lm_eval_command_line_with_lflm_model(ar_run, local_task, tmp_path):
+    """The lm-eval CLI itself (with our model registered) on the local task."""
+    exe = Path(sys.executable).with_name("lflm-lm-eval")
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "lflm_dist.eval.lm_eval_cli"]
+    p = subprocess.run(cmd + ["--model", "lflm", "--model_args", f"run={ar_run}", "--tasks", "lflm_tiny_mc",
+                              "--include_path", str(local_task), "--output_path", str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "lflm_tiny_mc" in p.stdout and "acc" in p.stdout

@@ -39,7 +39,10 @@ class LFLM(LM):
             if run is None:
                 raise ValueError("lflm needs model_args run=DIR (a run dir written by launchers/pretrain.py)")
             from lflm_dist.generate import load_run
-            model, cfg, tokenizer = load_run(run, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            # lm-eval's CLI passes device="cuda" by default: fall back to the CPU where there is none
+            if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            model, cfg, tokenizer = load_run(run, device)
         self.model, self.cfg, self.tok = model.eval(), cfg, tokenizer
         self.family = family_of(model)
         self.seq_len = cfg.model.seq_len
