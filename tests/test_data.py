@@ -60,7 +60,9 @@ def docs() -> list[tuple[str, str]]:
     if TINY.is_file():
         text = TINY.read_text()[:120_000]
     else:  # keep the suite runnable without shared data
-        text = "".join(f"Line {i}: to be, or not to be; that is the question {i * 7}.\n" for i in range(2000))
+        words = "to be or not that is the question whether tis nobler in mind suffer slings arrows".split()
+        text = "\n\n".join(" ".join(words[(i * 7 + j * 3) % len(words)] + str(i * j % 97) for j in range(12))
+                             for i in range(2000))
     parts = text.split("\n\n")
     k = len(parts) // 6
     return [(f"doc{j}.txt", "\n\n".join(parts[j * k:(j + 1) * k])) for j in range(6)]
