@@ -131,7 +131,7 @@ class ParallelConfig:
     compile: bool = False  # torch.compile each transformer block (in place; names unchanged)
 
 
-SUPPORTED_PARALLEL = "ddp, fsdp2, deepspeed (ZeRO 1/2/3), ddp + tp (TP x DDP)"
+SUPPORTED_PARALLEL = "ddp, fsdp2, deepspeed (ZeRO 1/2/3), ddp + tp (TP x DDP), fsdp2 + tp (TP x FSDP2)"
 
 
 @dataclass
@@ -189,7 +189,7 @@ class Config:
         _choice("parallel.zero_stage", p.zero_stage, (0, 1, 2, 3))
         if p.tp < 1:
             raise ConfigError(f"parallel.tp must be >= 1, got {p.tp}")
-        if p.tp > 1 and p.strategy != "ddp":
+        if p.tp > 1 and p.strategy not in ("ddp", "fsdp2"):
             raise ConfigError(f"parallel.tp={p.tp} cannot be combined with parallel.strategy={p.strategy}; "
                               f"supported combinations: {SUPPORTED_PARALLEL}")
         if p.strategy != "deepspeed":
@@ -211,6 +211,9 @@ class Config:
                 if net.n_heads % p.tp or hidden % p.tp:
                     raise ConfigError(f"parallel.tp={p.tp} must divide {name}.n_heads ({net.n_heads}) and its "
                                       f"SwiGLU hidden size ({hidden})")
+            if m.vocab_size and m.vocab_size % p.tp:  # 0: from the tokenizer, checked again when TP is applied
+                raise ConfigError(f"parallel.tp={p.tp} must divide model.vocab_size ({m.vocab_size}): the "
+                                  "embeddings, vocabulary heads and cross-entropy are vocab-parallel")
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:

@@ -18,6 +18,7 @@ class ARTransformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, net.dim)
         self.net = Transformer(net)
         self.head = nn.Linear(net.dim, cfg.vocab_size, bias=False)
+        self.token_ce = F.cross_entropy  # vocab-parallel under TP (lflm_dist.parallel)
 
     def logits(self, tokens, cache=None):
         T = tokens.shape[1]
@@ -32,7 +33,7 @@ class ARTransformer(nn.Module):
     def loss(self, batch) -> dict[str, torch.Tensor]:
         tokens = batch["input_ids"]
         logits = self.logits(tokens[:, :-1])
-        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        ce = self.token_ce(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
         return {"loss": ce, "nll": ce.detach()}
 
     def nll_bound(self, batch) -> torch.Tensor:

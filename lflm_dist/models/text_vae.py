@@ -79,6 +79,7 @@ class TextVAE(nn.Module):
         self.register_buffer("latent_shift", torch.zeros(cfg.latent_dim))
         self.register_buffer("latent_scale", torch.ones(cfg.latent_dim))
         self.track_latent_stats = True
+        self.token_ce, self.token_argmax = F.cross_entropy, torch.argmax  # vocab-parallel under TP (lflm_dist.parallel)
 
     def mask_tokens(self, tokens, noise: Noise):
         """BERT-style corruption of the encoder input; returns (corrupted, masked positions)."""
@@ -106,7 +107,7 @@ class TextVAE(nn.Module):
         mean, logvar = self.encoder(enc_in)
         z = mean + noise.normal(mean.shape).to(mean.dtype) * (0.5 * logvar).exp()
         logits = self.decoder(z)
-        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1), reduction="none")
+        ce = self.token_ce(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1), reduction="none")
         terms = {"recon": ce.mean()}
         if prior_term == "kl":
             terms["kl"] = gaussian_kl_std_normal(mean, logvar).mean()
@@ -117,7 +118,7 @@ class TextVAE(nn.Module):
             # per-sample sum and the loss is the same however a batch is split over ranks.
             terms["mask_ce"] = (ce * masked.reshape(-1)).sum() / (self.cfg.mask_prob * ce.numel())
         with torch.no_grad():
-            terms["recon_acc"] = (logits.argmax(-1) == tokens).float().mean()
+            terms["recon_acc"] = (self.token_argmax(logits, dim=-1) == tokens).float().mean()
         if self.training and self.track_latent_stats:
             self.update_latent_stats(mean)
         return terms, mean, logvar, z, enc_in

@@ -3,7 +3,7 @@ data-parallel coordinates, gradient sync / clipping / stepping, collective check
 save / load, and a consolidated (unsharded) state dict for sampling and export.
 
   DDPEngine       plain / DDP, and megatron TP (x DDP over the data-parallel group)
-  FSDPEngine      FSDP2 fully_shard per block + root
+  FSDPEngine      FSDP2 fully_shard per block + root (with TP: over the data-parallel group)
   DeepSpeedEngine ZeRO 1/2/3 through deepspeed.initialize with our AdamW as client optimizer
 """
 from __future__ import annotations
@@ -43,9 +43,14 @@ class Engine:
     strategy = "ddp"
     ckpt_format = "safetensors"
 
-    def __init__(self, module: nn.Module, model: nn.Module, optimizer, dp_rank: int, dp_size: int, tp: int = 1):
+    def __init__(self, module: nn.Module, model: nn.Module, optimizer, dp_rank: int, dp_size: int, tp: int = 1,
+                 tp_info: dict | None = None):
         self.module, self.model, self.optimizer = module, model, optimizer
         self.dp_rank, self.dp_size, self.tp = dp_rank, dp_size, tp
+        # TP: name -> (view, shard dim, unpadded size), the TP-local 2-D shapes, and the replicated
+        # parameters with partial grads; read (tp_info) before FSDP2 replaces the parameters
+        info = tp_info or (tpmod.tp_info(module) if tp > 1 else {"specs": {}, "shapes": {}, "partial": set()})
+        self.tp_specs, self.tp_shapes, self.tp_partial = info["specs"], info["shapes"], info["partial"]
 
     # ------------------------------------------------------------------ step
     def micro_context(self, last: bool):
@@ -57,6 +62,17 @@ class Engine:
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor | None:
         n = torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], max_norm)
         return n.full_tensor() if hasattr(n, "full_tensor") else n
+
+    def _tp_clip_grad_norm(self, max_norm: float, fsdp: bool) -> torch.Tensor:
+        """TP (x DDP | x FSDP2): sum partial grads over TP, then the global norm counting every
+        element once (tpmod.tp_grad_norm_sq) and the same scaling as clip_grad_norm_."""
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad and p.grad is not None]
+        tpmod.sync_partial_grads(named, self.tp_partial)
+        norm = tpmod.tp_grad_norm_sq(named, self.tp_specs, fsdp).sqrt()
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for _, p in named:
+            _local(p.grad).detach().mul_(coef.to(p.grad.dtype))
+        return norm
 
     def step(self) -> None:
         self.optimizer.step()
@@ -104,16 +120,31 @@ def _tp_mesh(device_type: str):
 
 
 def _to_dtensor(t: torch.Tensor, spec: tuple, mesh) -> torch.Tensor:
+    """A TP-local weight as a shard (its unpadded rows) of a DTensor of the canonical view."""
     from torch.distributed.tensor import DTensor, Shard
-    view, dim = spec
-    lview = list(view)
-    lview[dim] //= mesh.size()
+    view, dim, real = spec
+    tp = mesh.size()
+    _, n = tpmod.real_range(spec, tp, mesh.get_local_rank())
+    gview = list(view)
+    gview[dim] = real
     stride, acc = [], 1
-    for s in reversed(view):
+    for s in reversed(gview):
         stride.insert(0, acc)
         acc *= s
-    return DTensor.from_local(t.reshape(lview), mesh, [Shard(dim)], run_check=False, shape=torch.Size(view),
+    local = t.reshape(tpmod.local_view(spec, tp)).narrow(dim, 0, n)
+    return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False, shape=torch.Size(gview),
                               stride=tuple(stride))
+
+
+def _from_dtensor(v, spec: tuple, shape, tp: int):
+    """Inverse of _to_dtensor: the TP-local weight (padding rows zero) in the parameter's shape."""
+    if not hasattr(v, "to_local"):
+        return v
+    loc = v.to_local()
+    dim = spec[1]
+    out = loc.new_zeros(tpmod.local_view(spec, tp))
+    out.narrow(dim, 0, loc.shape[dim]).copy_(loc)
+    return out.reshape(shape)
 
 
 def _tp_wrap(state: dict, specs: dict, mesh) -> dict:
@@ -127,24 +158,34 @@ def _tp_wrap(state: dict, specs: dict, mesh) -> dict:
     return {"model": msd, "optim": {**osd, "state": ost}}
 
 
-def _tp_unwrap(state: dict, shapes: dict) -> dict:
-    def un(v, shape):
-        return v.to_local().reshape(shape) if hasattr(v, "to_local") else v
-    msd = {k: un(v, shapes[k]) if k in shapes else v for k, v in state["model"].items()}
-    ost = {fqn: {k: un(v, shapes[fqn]) if fqn in shapes else v for k, v in st.items()}
-           for fqn, st in state["optim"]["state"].items()}
+def _tp_unwrap(state: dict, specs: dict, shapes: dict, tp: int) -> dict:
+    def un(v, k):
+        return _from_dtensor(v, specs[k], shapes[k], tp) if k in specs else v
+    msd = {k: un(v, k) for k, v in state["model"].items()}
+    ost = {fqn: {k: un(v, fqn) for k, v in st.items()} for fqn, st in state["optim"]["state"].items()}
     return {"model": msd, "optim": {**state["optim"], "state": ost}}
 
 
 class DCPMixin:
+    """DCP checkpoints. With TP, each TP shard is stored as its piece of a DTensor of the
+    weight's canonical view over the TP group. Under FSDP2 x TP the model / optimizer state is
+    first gathered over the data-parallel group (full_state_dict: every rank holds its TP
+    rank's whole shard), so the DTensors are 1-D over TP; the DP replicas write the same
+    pieces, which DCP deduplicates. Loading reads the same layout and re-shards over DP."""
     ckpt_format = "dcp"
+
+    def _sd_options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+        if self.strategy == "fsdp2" and self.tp > 1:
+            return StateDictOptions(full_state_dict=True, cpu_offload=False)
+        return None
 
     def _state(self):
         from torch.distributed.checkpoint.state_dict import get_state_dict
-        msd, osd = get_state_dict(self.module, self.optimizer)
+        msd, osd = get_state_dict(self.module, self.optimizer, options=self._sd_options())
         state = {"model": msd, "optim": osd}
         if self.tp > 1:
-            state = _tp_wrap(state, tpmod.tp_specs(self.module), _tp_mesh(self.device_type))
+            state = _tp_wrap(state, self.tp_specs, _tp_mesh(self.device_type))
         return state
 
     def save(self, tmp: Path, rank: int) -> None:
@@ -157,9 +198,9 @@ class DCPMixin:
         state = self._state()
         dcp.load(state, checkpoint_id=str(path / DCP_DIR))
         if self.tp > 1:
-            shapes = {n: p.shape for n, p in self.module.named_parameters() if tpmod.is_tp_param(p)}
-            state = _tp_unwrap(state, shapes)
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            state = _tp_unwrap(state, self.tp_specs, self.tp_shapes, self.tp)
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=self._sd_options())
 
 
 class DDPEngine(Engine):
@@ -177,13 +218,7 @@ class DDPEngine(Engine):
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         if self.tp == 1:
             return super().clip_grad_norm(max_norm)
-        tpmod.sync_partial_grads(self.module)
-        params = [p for p in self.module.parameters() if p.requires_grad and p.grad is not None]
-        norm = tpmod.tp_grad_norm_sq(params).sqrt()
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for p in params:
-            p.grad.detach().mul_(coef.to(p.grad.dtype))
-        return norm
+        return self._tp_clip_grad_norm(max_norm, fsdp=False)
 
     def save(self, tmp: Path, rank: int) -> None:
         (DCPMixin.save if self.tp > 1 else Engine.save)(self, tmp, rank)
@@ -192,19 +227,12 @@ class DDPEngine(Engine):
         (DCPMixin.load if self.tp > 1 else Engine.load)(self, path, meta)
 
     _state = DCPMixin._state
+    _sd_options = DCPMixin._sd_options
 
     def full_state_dict(self) -> dict | None:
         if self.tp == 1:
             return super().full_state_dict()
-        specs = tpmod.tp_specs(self.module)
-        out = {}
-        for k, v in self.module.state_dict().items():
-            if k.endswith("._extra_state"):
-                continue
-            if k in specs:
-                v = tpmod.gather_full(v, specs[k], tpmod.tp_group())
-            out[k] = v.detach().cpu().clone()
-        return out if dist.get_rank() == 0 else None
+        return _gather_tp(self.module.state_dict(), self.tp_specs)
 
 
 class FSDPEngine(DCPMixin, Engine):
@@ -218,10 +246,32 @@ class FSDPEngine(DCPMixin, Engine):
         self.model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor | None:
+        if self.tp == 1:
+            return super().clip_grad_norm(max_norm)
+        return self._tp_clip_grad_norm(max_norm, fsdp=True)
+
     def full_state_dict(self) -> dict | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # with TP every rank gathers its TP shard over DP, then TP shards are gathered over TP
+        sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True,
+                                                                         cpu_offload=self.tp == 1))
+        if self.tp > 1:
+            return _gather_tp(sd, self.tp_specs)
         return sd if dist.get_rank() == 0 else None
+
+
+def _gather_tp(sd: dict, specs: dict) -> dict | None:
+    """Collective over the TP group: unsharded weights (rank 0; None elsewhere) from a state
+    dict holding each TP rank's whole shard."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("._extra_state"):
+            continue
+        if k in specs:
+            v = tpmod.gather_full(v, specs[k], tpmod.tp_group())
+        out[k] = v.detach().cpu().clone()
+    return out if dist.get_rank() == 0 else None
 
 
 class DeepSpeedEngine(Engine):

@@ -13,7 +13,7 @@ Activations per micro-batch: saved tensors of each block, e·T·B·(16·d + 5·f
 attention probabilities e·B·H·T²·2 (math SDPA; flash attention keeps none), T the block's
 sequence (the DiT sees 2L), and the logits e·B·L·V·3; with activation checkpointing only
 each block's input e·T·B·d is kept plus one block's activations. TP divides the per-block
-activations by tp (no sequence parallelism). The factor is an estimate: tests check it
+activations and the (vocab-parallel) logits by tp (no sequence parallelism). The factor is an estimate: tests check it
 within 2x of the saved-tensor bytes of a tiny model.
 """
 from __future__ import annotations
@@ -36,12 +36,24 @@ def param_layout(cfg: Config, tp: int = 1) -> dict:
     from lflm_dist.models.registry import build_model
     with torch.device("meta"):
         model = build_model(cfg.model, init_pretrained=False)
-    sharded, col = set(), set()
+    from lflm_dist.models.ar import ARTransformer
+    from lflm_dist.models.text_vae import TextDecoder, TextEncoder
+    local = {}  # id(param) -> (rows, numel) held by one TP rank (lflm_dist.parallel.tp.apply_tp)
     for b in model.modules():
         if isinstance(b, Block):
-            for lin in (b.attn.wqkv, b.attn.wo, b.ffn.w12, b.ffn.w3):
-                sharded.add(id(lin.weight))
-            col.update((id(b.attn.wqkv.weight), id(b.ffn.w12.weight)))  # column-parallel: rows split
+            for lin in (b.attn.wqkv, b.ffn.w12):  # column-parallel: rows split
+                w = lin.weight
+                local[id(w)] = (w.shape[0] // tp, w.numel() // tp)
+            for lin in (b.attn.wo, b.ffn.w3):  # row-parallel: columns split
+                w = lin.weight
+                local[id(w)] = (w.shape[0], w.numel() // tp)
+        if isinstance(b, (TextEncoder, ARTransformer)):  # vocab-parallel embedding, padded to a multiple of tp
+            w = b.embed.weight
+            rows = -(-w.shape[0] // tp)
+            local[id(w)] = (rows, rows * w.shape[1])
+        if isinstance(b, (TextDecoder, ARTransformer)):  # vocab-parallel head
+            w = b.head.weight
+            local[id(w)] = (w.shape[0] // tp, w.numel() // tp)
     total = per_rank = frozen = 0
     shapes = []
     for p in model.parameters():
@@ -49,9 +61,9 @@ def param_layout(cfg: Config, tp: int = 1) -> dict:
             frozen += p.numel()
             continue
         total += p.numel()
-        n = p.numel() // tp if id(p) in sharded else p.numel()
+        rows, n = local.get(id(p), (p.shape[0], p.numel()))
         per_rank += n
-        shapes.append((p.shape[0] // tp if id(p) in col else p.shape[0], n))
+        shapes.append((rows, n))
     block = max((sum(q.numel() for q in b.parameters()) for b in model.modules() if isinstance(b, Block)), default=0)
     return {"total": total, "per_tp_rank": per_rank, "frozen": frozen, "largest_block": block // tp,
             "shapes": shapes}
@@ -72,7 +84,7 @@ def activation_bytes(cfg: Config, micro_batch: int, tp: int = 1, bf16: bool = Tr
     stacks = ([(m.ar.net, L, False)] if m.family == "ar" else
               [(m.vae.encoder, L, False), (m.vae.decoder, L, False)] + ([(m.dit.net, 2 * L, True)] if m.cola.stage == 2 else []))
     V = m.vocab_size
-    head = 3 * e * B * L * V + 4 * B * L * V  # logits, their fp32 copy for the loss, softmax grad
+    head = (3 * e * B * L * V + 4 * B * L * V) / tp  # logits, fp32 copy, softmax grad; vocab-parallel under TP
     if not checkpointing:
         return sum(_block_acts(n, T, B, e, tp, a) * n.n_layers for n, T, a in stacks) + head
     kept = sum(e * T * B * n.dim * n.n_layers for n, T, _ in stacks)
@@ -130,8 +142,8 @@ def main(argv=None) -> int:
         dp = a.gpus // tp
         mb = a.micro_batch or max(1, cfg.train.global_batch_size // (dp * cfg.train.grad_accum))
         for s in STRATEGIES:
-            if tp > 1 and s != "ddp":
-                continue  # TP is supported with DDP only (config.SUPPORTED_PARALLEL)
+            if tp > 1 and s not in ("ddp", "fsdp2"):
+                continue  # TP is supported with DDP and FSDP2 (config.SUPPORTED_PARALLEL)
             r = plan(cfg, s, a.gpus, tp, mb, not a.fp32, False, lay_tp)
             rc = plan(cfg, s, a.gpus, tp, mb, not a.fp32, True, lay_tp)
             print(f"{s:8} {tp:>3} {dp:>4} {mb:>3} {r['params'] / G:8.2f} {r['grads'] / G:8.2f} {r['optimizer'] / G:8.2f} "

@@ -47,11 +47,12 @@ def build_parallel(model: torch.nn.Module, cfg: Config, device: torch.device):
                           f"supported combinations: {SUPPORTED_PARALLEL}")
     dp_rank, dp_size = (dist.get_rank() if dist.is_initialized() else 0), world
     model = model.to(device)
+    from lflm_dist.parallel import tp as tpmod
     if p.tp > 1:
-        from lflm_dist.parallel import tp as tpmod
         tpmod.init_tp(p.tp)
         tpmod.apply_tp(model, p.tp)
         _, _, dp_rank, dp_size = tpmod.coords()
+    tp_info = tpmod.tp_info(model) if p.tp > 1 else None  # before FSDP2 replaces the parameters
     if p.activation_checkpointing:
         apply_activation_checkpointing(model)
     if p.compile:
@@ -67,14 +68,18 @@ def build_parallel(model: torch.nn.Module, cfg: Config, device: torch.device):
             wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                               process_group=group)
         return E.DDPEngine(model, wrapped, build_optimizer(model, cfg.train), dp_rank, dp_size, tp=p.tp,
-                           device_type=device.type)
+                           tp_info=tp_info, device_type=device.type)
 
     if p.strategy == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh(device.type, (world,))  # tp > 1 is rejected by Config.validate
+        from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+        if p.tp > 1:  # shard over the data-parallel group only; the TP layers keep their TP shards
+            from lflm_dist.parallel import tp as tpmod
+            mesh = DeviceMesh.from_group(tpmod.dp_group(), device.type, mesh_dim_names=("dp",))
+        else:
+            mesh = init_device_mesh(device.type, (world,))
         apply_fsdp2(model, mesh, mixed_precision(device, cfg.train.precision))
         return E.FSDPEngine(model, model, build_optimizer(model, cfg.train), dp_rank, dp_size, tp=p.tp,
-                            device_type=device.type)
+                            tp_info=tp_info, device_type=device.type)
 
     if p.strategy == "deepspeed":
         if device.type == "cpu":

@@ -112,6 +112,10 @@ class Trainer:
             raise ConfigError(f"checkpoint {path} was written with {was} ({fmt} format) and this run uses {now} "
                               f"({have} format): resume with the same parallel settings, or export it with "
                               "launchers/export.py and start a new run from the exported weights")
+        if state.get("tp", 1) != self.cfg.parallel.tp:
+            raise ConfigError(f"checkpoint {path} was written with {was} and this run uses {now}: a changed "
+                              "parallel.tp changes the checkpoint layout; resume with the same parallel.tp, or "
+                              "export it with launchers/export.py and start a new run from the exported weights")
         if fmt == "deepspeed" and state["world_size"] != self.d.world_size:
             raise ConfigError(f"checkpoint {path} was written by {state['world_size']} processes and this run has "
                               f"{self.d.world_size}: DeepSpeed ZeRO partitions cannot be resharded on resume. Resume "
