@@ -13,16 +13,6 @@ from torch.nn.parallel import DistributedDataParallel
 from lflm_dist.config import SUPPORTED_PARALLEL, Config, ConfigError, ParallelConfig
 
 
-def parallelize(model: torch.nn.Module, cfg: ParallelConfig, device: torch.device) -> torch.nn.Module:
-    """Data parallelism only (kept for callers that want a module, not an engine)."""
-    model = model.to(device)
-    if cfg.strategy == "ddp":
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        return model
-    raise ValueError(f"parallel.strategy={cfg.strategy!r}: use build_parallel (supported: {SUPPORTED_PARALLEL})")
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     if isinstance(model, DistributedDataParallel):
         return model.module
