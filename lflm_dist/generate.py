@@ -8,7 +8,7 @@ import torch
 from lflm_dist.config import Config, SampleConfig, load_config
 from lflm_dist.data.tokenizer import Tokenizer
 from lflm_dist.models.registry import build_model
-from lflm_dist.train.checkpoint import load_model_weights, resolve_checkpoint
+from lflm_dist.train.checkpoint import load_model_weights, load_state_into, resolve_checkpoint
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, Tokenizer]:
@@ -45,11 +45,9 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
     else:
         state = {f"{part}.{k}": v for part in ("vae", "dit") if (p / f"{part}.safetensors").is_file()
                  for k, v in load_file(str(p / f"{part}.safetensors")).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("ref_encoder.")]  # the frozen reference is not exported
-    if missing or unexpected:
-        raise RuntimeError(f"{p}: exported weights do not match its config.yaml (missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]})")
+    # the frozen stage-2 reference encoder is not exported: keep the freshly built one
+    state = {**{k: v for k, v in model.state_dict().items() if k.startswith("ref_encoder.")}, **state}
+    load_state_into(model, state, f"exported dir {p} (weights vs its config.yaml)")
     return model.to(device).eval(), cfg, tok
 
 

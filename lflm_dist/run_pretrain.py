@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 from lflm_dist.config import load_config
 from lflm_dist.data.loader import eval_batches
 from lflm_dist.data.shards import ShardError

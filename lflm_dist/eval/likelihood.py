@@ -173,7 +173,6 @@ def cola_bound_terms(model, tokens: torch.Tensor, *, k: int = 1, settings: Bound
     B, L = tokens.shape
     vae = model.vae
     mean, logvar = vae.encoder(tokens)
-    C = mean.shape[-1]
     mean_k, logvar_k = mean.repeat_interleave(k, 0), logvar.repeat_interleave(k, 0)
     std_k = (0.5 * logvar_k).exp()
     eps = torch.randn(mean_k.shape, generator=generator, device="cpu").to(mean.device, mean.dtype)

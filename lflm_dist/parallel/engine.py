@@ -9,9 +9,6 @@ save / load, and a consolidated (unsharded) state dict for sampling and export.
 from __future__ import annotations
 
 import contextlib
-import json
-import math
-import os
 from pathlib import Path
 
 import torch

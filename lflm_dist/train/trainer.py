@@ -18,7 +18,6 @@ import torch
 
 from lflm_dist.config import Config, ConfigError, save_config
 from lflm_dist.data.loader import TokenBatches, eval_batches
-from lflm_dist.data.shards import read_manifest
 from lflm_dist.data.tokenizer import Tokenizer
 from lflm_dist.models.noise import sample_keys
 from lflm_dist.models.registry import build_model, count_params
@@ -27,7 +26,7 @@ from lflm_dist.parallel.mfu import device_peak, peak_memory_mb
 from lflm_dist.train import checkpoint as ckpt
 from lflm_dist.train.dist import DistInfo, all_reduce_mean, barrier, init_distributed
 from lflm_dist.train.logging import MetricsLogger
-from lflm_dist.train.optim import build_optimizer, lr_at, set_lr
+from lflm_dist.train.optim import lr_at
 
 EVAL_SEED = 0x5EED
 
