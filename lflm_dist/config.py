@@ -90,6 +90,9 @@ class ModelConfig:
     family: str = "cola"  # cola | ar
     vocab_size: int = 0  # 0: taken from the tokenizer
     seq_len: int = 64
+    # attention kernels: auto (SDPA is_causal for causal masks; FlexAttention with a BlockMask for
+    # block-causal masks on CUDA, the dense mask on CPU) | flex | sdpa | dense (the reference)
+    attention: str = "auto"
     vae: VAEConfig = field(default_factory=VAEConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     cola: ColaConfig = field(default_factory=ColaConfig)
@@ -158,6 +161,7 @@ class Config:
     def validate(self) -> "Config":
         _choice("model.family", self.model.family, ("cola", "ar"))
         _choice("model.cola.stage", self.model.cola.stage, (1, 2))
+        _choice("model.attention", self.model.attention, ("auto", "flex", "sdpa", "dense"))
         _choice("parallel.strategy", self.parallel.strategy, ("ddp", "fsdp2", "deepspeed"))
         self._validate_parallel()
         _choice("data.loader", self.data.loader, ("indexed", "stream"))

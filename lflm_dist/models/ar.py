@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lflm_dist.config import ModelConfig
-from lflm_dist.models.blocks import Transformer, block_causal_mask, sample_token, transformer_flops
+from lflm_dist.models.blocks import AttnMask, Transformer, sample_token, transformer_flops
 
 
 class ARTransformer(nn.Module):
@@ -24,7 +24,8 @@ class ARTransformer(nn.Module):
         T = tokens.shape[1]
         start = 0 if cache is None else len(cache[0])
         pos = torch.arange(start, start + T, device=tokens.device)
-        mask = block_causal_mask(start + T, 1, tokens.device)[start:]
+        # one new token attends to everything cached: no mask at all
+        mask = None if T == 1 and start else AttnMask("block_causal", start + T, 1, q_start=start)
         return self.head(self.net(self.embed(tokens), pos, mask, cache=cache))
 
     def forward(self, batch):

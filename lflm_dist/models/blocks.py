@@ -17,25 +17,124 @@ from lflm_dist.config import TransformerConfig
 
 
 # ----------------------------------------------------------------------------- masks
+class AttnMask:
+    """Which keys each query may attend to, as a rule rather than a matrix, so each attention
+    backend can use its fastest form of it (`prepare_mask`): SDPA's `is_causal` flag (flash
+    kernels), a FlexAttention `BlockMask` whose fully masked 128x128 tiles are skipped, or the
+    dense boolean matrix (the reference the others are tested against).
+
+    kind "block_causal": n positions, bidirectional inside blocks of `block`, causal across
+      (block 1 is the ordinary causal mask).
+    kind "clean_noisy": the DiT's training layout `[z0 | z_t]` of 2n positions (Cola DLM's
+      clean-history + noisy-block): clean block b sees clean blocks <= b; noisy block b sees
+      clean blocks < b and itself. `drop_history` (bool [B]) removes the clean history of whole
+      samples (classifier-free guidance dropout).
+    Queries are rows `q_start`.. of the full matrix (KV-cached decoding continues a sequence)."""
+
+    def __init__(self, kind: str, n: int, block: int, q_start: int = 0, drop_history: torch.Tensor | None = None):
+        assert kind in ("block_causal", "clean_noisy"), kind
+        self.kind, self.n, self.block, self.q_start, self.drop_history = kind, n, block, q_start, drop_history
+
+    @property
+    def kv_len(self) -> int:
+        return 2 * self.n if self.kind == "clean_noisy" else self.n
+
+    @property
+    def q_len(self) -> int:
+        return self.kv_len - self.q_start
+
+    @property
+    def is_causal(self) -> bool:
+        """Exactly SDPA's is_causal (square, lower triangular)."""
+        return self.kind == "block_causal" and self.block == 1 and self.q_start == 0
+
+    def allowed(self, b, q, kv):
+        """bool: may query q (absolute row) attend to key kv, in sample b. Plain tensor ops on
+        broadcastable index tensors, so the same rule builds the dense matrix and is
+        FlexAttention's mask_mod."""
+        blk = self.block
+        if self.kind == "block_causal":
+            return kv // blk <= q // blk
+        L = self.n
+        q_noisy, kv_noisy = q >= L, kv >= L
+        qb, kb = (q % L) // blk, (kv % L) // blk
+        clean_q = ~kv_noisy & (kb <= qb)
+        history = ~kv_noisy & (kb < qb)
+        if self.drop_history is not None:
+            history = history & ~self.drop_history[b]
+        noisy_q = history | (kv_noisy & (kb == qb))
+        return torch.where(q_noisy, noisy_q, clean_q)
+
+    def dense(self, device=None) -> torch.Tensor:
+        """bool [Q, KV], or [B, 1, Q, KV] with per-sample history dropout; True = may attend."""
+        q = torch.arange(self.q_start, self.kv_len, device=device)[:, None]
+        kv = torch.arange(self.kv_len, device=device)[None, :]
+        if self.drop_history is None:
+            return self.allowed(0, q, kv)
+        b = torch.arange(self.drop_history.shape[0], device=device)[:, None, None]
+        return self.allowed(b, q[None], kv[None])[:, None]
+
+    def block_mask(self, device):
+        from torch.nn.attention.flex_attention import create_block_mask
+        B = None if self.drop_history is None else self.drop_history.shape[0]
+        q0 = self.q_start
+        return create_block_mask(lambda b, h, q, kv: self.allowed(b, q + q0, kv), B, None, self.q_len,
+                                 self.kv_len, device=device)
+
+
 def block_causal_mask(n: int, block: int, device=None) -> torch.Tensor:
     """bool[n, n], True = may attend: bidirectional inside a block, causal across blocks.
     block=1 is the ordinary causal mask."""
-    b = torch.arange(n, device=device) // block
-    return b[None, :] <= b[:, None]
+    return AttnMask("block_causal", n, block).dense(device)
 
 
 def clean_noisy_mask(n: int, block: int, device=None) -> torch.Tensor:
-    """bool[2n, 2n] for the DiT training layout `[z0 | z_t]` (Cola DLM, clean-history +
-    noisy-block): clean block b sees clean blocks <= b; noisy block b sees clean blocks < b
-    and itself. Every noisy block is thus trained in one pass, each seeing exactly what it
-    will see at sampling time (its clean history in the KV cache)."""
-    b = torch.arange(n, device=device) // block
-    clean_clean = b[None, :] <= b[:, None]
-    noisy_clean = b[None, :] < b[:, None]
-    noisy_noisy = b[None, :] == b[:, None]
-    top = torch.cat([clean_clean, torch.zeros_like(clean_clean)], dim=1)
-    bottom = torch.cat([noisy_clean, noisy_noisy], dim=1)
-    return torch.cat([top, bottom], dim=0)
+    """bool[2n, 2n] for the DiT training layout `[z0 | z_t]` (see AttnMask)."""
+    return AttnMask("clean_noisy", n, block).dense(device)
+
+
+ATTENTION_BACKENDS = ("auto", "flex", "sdpa", "dense")
+CAUSAL = "causal"  # prepared form of a plain causal rule: SDPA is_causal=True
+
+
+def prepare_mask(mask, backend: str, device: torch.device):
+    """Turn an AttnMask into what Attention.forward takes, once per stack forward (every layer
+    shares it). A dense tensor or None passes through unchanged.
+      dense: the boolean matrix everywhere (the reference path).
+      sdpa:  is_causal for plain causal masks (flash / efficient kernels), else the matrix.
+      flex:  FlexAttention with a BlockMask (causal masks included).
+      auto:  is_causal where it applies; flex for block-structured masks on CUDA, the matrix on
+             CPU (FlexAttention's CPU path gains nothing at the tiny sizes CPU runs use)."""
+    if not isinstance(mask, AttnMask):
+        return mask
+    if backend == "dense":
+        return mask.dense(device)
+    if mask.is_causal and backend in ("auto", "sdpa"):
+        return CAUSAL
+    if backend == "flex" or (backend == "auto" and device.type == "cuda"):
+        if device.type != "cuda" and torch.is_grad_enabled():
+            raise RuntimeError("model.attention=flex trains on CUDA only (PyTorch's FlexAttention has no CPU "
+                               "backward); on CPU use model.attention=auto (dense block masks) or sdpa")
+        return mask.block_mask(device)
+    return mask.dense(device)
+
+
+_flex_compiled = None
+
+
+def flex_attention(q, k, v, block_mask):
+    """FlexAttention; compiled on CUDA (its fused kernel), eager elsewhere (an unfused
+    forward-only implementation: CPU runs use it for inference and tests)."""
+    global _flex_compiled
+    from torch.nn.attention.flex_attention import flex_attention as fa
+    if q.device.type != "cuda":
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "called without torch.compile()": intended on CPU
+            return fa(q, k, v, block_mask=block_mask)
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(fa, dynamic=False)
+    return _flex_compiled(q, k, v, block_mask=block_mask)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -100,10 +199,18 @@ class Attention(nn.Module):
         B, T, D = x.shape
         q, k, v = self.wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        q, k = q.to(v.dtype), k.to(v.dtype)  # norms/RoPE upcast under autocast; kernels want one dtype
         if cache is not None:
             k, v = cache.extend(k, v, commit)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        if isinstance(mask, str):  # CAUSAL
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        elif mask is not None and not torch.is_tensor(mask):  # FlexAttention BlockMask
+            if p:
+                raise ValueError("attention dropout is not supported by the flex backend; set model.attention=sdpa")
+            y = flex_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # -1: heads may be split by TP
 
 
@@ -123,9 +230,26 @@ class SwiGLU(nn.Module):
         return self.w3(F.silu(a) * b)
 
 
+def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: h [B, T, D] * (1 + scale) + shift, with scale/shift [B, G, D] shared by each group
+    of T/G consecutive positions (G = T: per position; G = number of DiT blocks: per block)."""
+    B, T, D = h.shape
+    G = shift.shape[1]
+    hg = h.view(B, G, T // G, D)
+    return (hg * (1 + scale[:, :, None]) + shift[:, :, None]).view(B, T, D)
+
+
+def gate(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    B, T, D = h.shape
+    return (h.view(B, g.shape[1], -1, D) * g[:, :, None]).view(B, T, D)
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block; with `adaln`, norms are modulated by a conditioning
-    vector per position and residuals gated (adaLN-Zero, Peebles & Xie 2023)."""
+    """Pre-norm transformer block; with `adaln`, norms are modulated by a conditioning vector
+    and residuals gated (adaLN-Zero, Peebles & Xie 2023). The conditioning `cond` [B, G, D]
+    holds one vector per group of T/G consecutive positions: the DiT passes one per block (its
+    t is constant over a block), so the 6·D² modulation matmul runs once per block rather than
+    once per position."""
 
     def __init__(self, cfg: TransformerConfig, adaln: bool = False):
         super().__init__()
@@ -141,12 +265,15 @@ class Block(nn.Module):
             x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, commit)
             return x + self.ffn(self.ffn_norm(x))
         s1, c1, g1, s2, c2, g2 = self.adaln(F.silu(cond)).chunk(6, dim=-1)
-        x = x + g1 * self.attn(self.attn_norm(x) * (1 + c1) + s1, cos, sin, mask, cache, commit)
-        return x + g2 * self.ffn(self.ffn_norm(x) * (1 + c2) + s2)
+        x = x + gate(self.attn(modulate(self.attn_norm(x), s1, c1), cos, sin, mask, cache, commit), g1)
+        return x + gate(self.ffn(modulate(self.ffn_norm(x), s2, c2)), g2)
 
 
 class Transformer(nn.Module):
-    """A stack of blocks plus final norm; input and output are [B, T, dim] hidden states."""
+    """A stack of blocks plus final norm; input and output are [B, T, dim] hidden states.
+    `attention` picks the attention backend (ATTENTION_BACKENDS; set by `set_attention_backend`)."""
+
+    attention = "auto"
 
     def __init__(self, cfg: TransformerConfig, adaln: bool = False):
         super().__init__()
@@ -159,10 +286,20 @@ class Transformer(nn.Module):
 
     def forward(self, x, positions, mask, cond=None, cache: list[LayerCache] | None = None, commit=True,
                 final_norm: bool = True):
+        """mask: an AttnMask rule, a dense bool tensor, or None (attend to everything)."""
         cos, sin = rope_cos_sin(positions, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta)
+        mask = prepare_mask(mask, self.attention, x.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cond, None if cache is None else cache[i], commit)
         return self.norm(x) if final_norm else x
+
+
+def set_attention_backend(model: nn.Module, backend: str) -> None:
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    for m in model.modules():
+        if isinstance(m, Transformer):
+            m.attention = backend
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -209,7 +346,7 @@ def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
 class FlopCount:
     """Training FLOPs per token of one transformer stack: 6 x matmul parameters plus the
     attention score/value products (PaLM appendix B convention, 6 = fwd 2 + bwd 4)."""
-    matmul_params: int
+    matmul_params: float
     attn_flops: float
 
     @property
@@ -217,8 +354,12 @@ class FlopCount:
         return 6.0 * self.matmul_params + self.attn_flops
 
 
-def transformer_flops(cfg: TransformerConfig, context: float, adaln: bool = False) -> FlopCount:
-    """`context`: mean number of keys each query attends to (T/2 causal, ~T bidirectional)."""
-    per_layer = 4 * cfg.dim * cfg.dim + 3 * cfg.dim * ffn_hidden(cfg) + (6 * cfg.dim * cfg.dim if adaln else 0)
+def transformer_flops(cfg: TransformerConfig, context: float, adaln_group: int = 0) -> FlopCount:
+    """`context`: mean number of keys each query attends to (T/2 causal, ~T bidirectional).
+    `adaln_group`: positions sharing one adaLN modulation (0: no adaLN), whose 6·D² matmul
+    therefore counts 1/adaln_group per position."""
+    per_layer = 4 * cfg.dim * cfg.dim + 3 * cfg.dim * ffn_hidden(cfg)
+    if adaln_group:
+        per_layer += 6 * cfg.dim * cfg.dim / adaln_group
     attn = 6.0 * 2 * cfg.n_layers * cfg.dim * context  # QK^T and AV, fwd+bwd
     return FlopCount(per_layer * cfg.n_layers, attn)

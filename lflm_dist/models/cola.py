@@ -115,12 +115,15 @@ class ColaDLM(nn.Module):
         return self.vae.decoder(mean).argmax(-1)
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token: VAE encoder + decoder on L tokens, plus the DiT on the
-        2L-long [clean | noisy] layout (so twice its per-position cost per token)."""
+        """Training FLOPs per token: VAE encoder + decoder on L tokens, the DiT on the 2L-long
+        [clean | noisy] layout (so twice its per-position cost per token; adaLN once per DiT
+        block), and the frozen reference encoder's forward pass (a third of its training cost)."""
         L = self.cfg.seq_len
         v = self.cfg.vae
         total = transformer_flops(v.encoder, L / 2).train + transformer_flops(v.decoder, L / 2).train
         total += 6.0 * v.decoder.dim * self.cfg.vocab_size  # output head
         if self.dit is not None:
-            total += 2 * transformer_flops(self.cfg.dit.net, L / 2, adaln=True).train
+            total += 2 * transformer_flops(self.cfg.dit.net, L / 2, adaln_group=self.cfg.dit.block_size).train
+        if self.ref_encoder is not None:
+            total += transformer_flops(v.encoder, L / 2).train / 3
         return total

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lflm_dist.config import DiTConfig
 from lflm_dist.models.noise import Noise
-from lflm_dist.models.blocks import LayerCache, TimestepEmbedder, Transformer, block_causal_mask, clean_noisy_mask
+from lflm_dist.models.blocks import AttnMask, LayerCache, TimestepEmbedder, Transformer, modulate
 
 
 class BlockCausalDiT(nn.Module):
@@ -32,10 +32,12 @@ class BlockCausalDiT(nn.Module):
 
     def _head(self, h, c):
         shift, scale = self.final_mod(F.silu(c)).chunk(2, dim=-1)
-        return self.out(h * (1 + scale) + shift)
+        return self.out(modulate(h, shift, scale))
 
     def forward(self, x, t, positions, mask, cache: list[LayerCache] | None = None, commit: bool = True):
-        """x [B, T, C] latents, t [B, T] per-position time -> velocity [B, T, C]."""
+        """x [B, T, C] latents -> velocity [B, T, C]. t is the time of each DiT block, [B, T/bs]
+        (T a multiple of the block size), or of each position, [B, T]: the conditioning is
+        embedded, and the adaLN modulations computed, once per entry of t."""
         c = self.t_embed(t)
         return self._head(self.net(self.inp(x), positions, mask, cond=c, cache=cache, commit=commit), c)
 
@@ -52,13 +54,11 @@ class BlockCausalDiT(nn.Module):
         eps = noise.normal(z0.shape).to(z0.dtype)
         zt = (1 - t[..., None]) * z0 + t[..., None] * eps
         x = torch.cat([z0.detach(), zt], dim=1)
-        tt = torch.cat([torch.zeros_like(t), t], dim=1)
-        mask = clean_noisy_mask(L, bs, z0.device).expand(B, 1, 2 * L, 2 * L)
+        tt = torch.cat([torch.zeros_like(t_block), t_block], dim=1)  # per block: [B, 2L/bs]
+        drop = None
         if self.training and self.cfg.cfg_drop_prob > 0:
             drop = noise.uniform((B,)) < self.cfg.cfg_drop_prob
-            no_hist = mask.clone()
-            no_hist[:, :, L:, :L] = False
-            mask = torch.where(drop[:, None, None, None], no_hist, mask)
+        mask = AttnMask("clean_noisy", L, bs, drop_history=drop)
         pos = torch.arange(L, device=z0.device).repeat(2)  # noisy block b sits at clean block b's positions
         v = self(x, tt, pos, mask)[:, L:]
         return (v.float() - (eps - z0).float()).pow(2).mean()
@@ -73,12 +73,11 @@ class BlockCausalDiT(nn.Module):
         bs = self.cfg.block_size
         pos = torch.arange(start, start + bs, device=device)
         x = torch.randn(batch, bs, self.latent_dim, generator=generator, device=device, dtype=dtype)
-        has_hist = cache is not None and len(cache[0]) > 0
-        hist_mask = torch.ones(bs, start + bs, dtype=torch.bool, device=device)
+        has_hist = cache is not None and len(cache[0]) > 0  # the block sees all its history: no mask
         ts = torch.linspace(1.0, 0.0, steps + 1, device=device)
         for i in range(steps):
-            t = torch.full((batch, bs), float(ts[i]), device=device)
-            v = self(x, t, pos, hist_mask if has_hist else None, cache=cache if has_hist else None, commit=False)
+            t = torch.full((batch, 1), float(ts[i]), device=device)  # one DiT block
+            v = self(x, t, pos, None, cache=cache if has_hist else None, commit=False)
             if has_hist and guidance != 1.0:
                 v_u = self(x, t, pos, None)
                 v = v_u + guidance * (v - v_u)
@@ -90,8 +89,8 @@ class BlockCausalDiT(nn.Module):
         """Append a clean block (t = 0) to the KV cache, as the clean half sees it in training."""
         T = z0_block.shape[1]
         pos = torch.arange(start, start + T, device=z0_block.device)
-        mask = block_causal_mask(start + T, self.cfg.block_size, z0_block.device)[start:]
-        t = torch.zeros(z0_block.shape[:2], device=z0_block.device)
+        mask = AttnMask("block_causal", start + T, self.cfg.block_size, q_start=start)
+        t = torch.zeros(z0_block.shape[0], T // self.cfg.block_size, device=z0_block.device)
         self(z0_block, t, pos, mask, cache=cache, commit=True)
 
     # ------------------------------------------------------------------ likelihood
@@ -113,12 +112,12 @@ class BlockCausalDiT(nn.Module):
             raise ValueError(f"latent length {L} is not a multiple of the DiT block size {bs}")
         cache = self.net.new_cache()
         self.extend_history(cache, z0, 0)
-        mask = clean_noisy_mask(L, bs, z0.device)[L:]
+        mask = AttnMask("clean_noisy", L, bs, q_start=L)
         pos = torch.arange(L, device=z0.device)
 
         def velocity(x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
             t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
-            tt = (t.reshape(-1, 1) if t.dim() else t.reshape(1, 1)).expand(x.shape[0], L)
+            tt = (t.reshape(-1, 1) if t.dim() else t.reshape(1, 1)).expand(x.shape[0], L // bs)
             return self(x, tt, pos, mask, cache=cache, commit=False)
 
         return velocity

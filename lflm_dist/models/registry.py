@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from lflm_dist.config import ModelConfig
 from lflm_dist.models.ar import ARTransformer
+from lflm_dist.models.blocks import set_attention_backend
 from lflm_dist.models.cola import ColaDLM
 
 FAMILIES = {"cola": ColaDLM, "ar": ARTransformer}
@@ -18,6 +19,7 @@ def build_model(cfg: ModelConfig, init_pretrained: bool = True) -> nn.Module:
     if cfg.vocab_size <= 0:
         raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer)")
     model = FAMILIES[cfg.family](cfg)
+    set_attention_backend(model, cfg.attention)
     if init_pretrained and cfg.family == "cola" and cfg.cola.stage == 2 and cfg.cola.ref_checkpoint:
         from lflm_dist.train.checkpoint import read_model_state, resolve_checkpoint
         ckpt = resolve_checkpoint(cfg.cola.ref_checkpoint)  # any strategy's checkpoint format

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lflm_dist.config import VAEConfig
-from lflm_dist.models.blocks import LayerCache, Transformer, block_causal_mask
+from lflm_dist.models.blocks import AttnMask, LayerCache, Transformer
 from lflm_dist.models.noise import Noise
 
 
@@ -31,7 +31,7 @@ class TextEncoder(nn.Module):
         """tokens [B, L] -> (mean, logvar) each [B, L, latent_dim]."""
         T = tokens.shape[1]
         pos = torch.arange(T, device=tokens.device)
-        h = self.net(self.embed(tokens), pos, block_causal_mask(T, self.block_size, tokens.device))
+        h = self.net(self.embed(tokens), pos, AttnMask("block_causal", T, self.block_size))
         mean, logvar = self.to_latent(h).chunk(2, dim=-1)
         return mean, logvar.clamp(-20.0, 10.0)
 
@@ -49,7 +49,7 @@ class TextDecoder(nn.Module):
         T = z.shape[1]
         start = 0 if cache is None else len(cache[0])
         pos = torch.arange(start, start + T, device=z.device)
-        mask = block_causal_mask(start + T, self.block_size, z.device)[start:]
+        mask = AttnMask("block_causal", start + T, self.block_size, q_start=start)
         return self.head(self.net(self.from_latent(z), pos, mask, cache=cache))
 
 

@@ -76,7 +76,8 @@ def build_parallel(model: torch.nn.Module, cfg: Config, device: torch.device):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
         ds_cfg = deepspeed_config(cfg, world, device)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.train),
+        opt = build_optimizer(model, cfg.train, cpu_offload=p.offload_optimizer)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
                                                config=ds_cfg, dist_init_required=False)
         return E.DeepSpeedEngine(engine, ds_cfg["zero_optimization"]["stage"], dp_rank, dp_size)
     raise ConfigError(f"parallel.strategy={p.strategy!r}; supported: {SUPPORTED_PARALLEL}")

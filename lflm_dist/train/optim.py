@@ -8,7 +8,10 @@ import torch
 from lflm_dist.config import TrainConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, cpu_offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the model's trainable parameters: the fused CUDA kernel on GPU, the
+    multi-tensor (foreach) one on CPU; with DeepSpeed optimizer offload (`cpu_offload`),
+    DeepSpeed's vectorised CPU Adam, which steps the fp32 partitions held in host memory."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -16,7 +19,12 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
         # Norm gains, biases and embeddings are not decayed (GPT-2 / nanoGPT convention).
         (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=False)
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), adamw_mode=True)
+    on_cuda = any(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=on_cuda or None,
+                             foreach=None if on_cuda else True)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

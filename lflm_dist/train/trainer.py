@@ -55,6 +55,22 @@ def autocast(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
 
+def forward_backward(engine, micro_batches: list[dict], cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:
+    """Forward and backward of one optimizer step's micro-batches (gradient sync on the last);
+    returns the loss terms averaged over them (this rank only). Shared by the trainer and
+    bench/train_mfu.py, so the benchmark times the loop that trains."""
+    sums: dict[str, torch.Tensor] = {}
+    accum = cfg.train.grad_accum
+    for i, mb in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with engine.micro_context(last), autocast(cfg, device):
+            terms = engine.model(mb)
+        engine.backward(terms["loss"], accum, last)
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
+    return sums
+
+
 class Trainer:
     def __init__(self, cfg: Config, dist_info: DistInfo | None = None):
         self.cfg = cfg
@@ -167,15 +183,7 @@ class Trainer:
     def train_step(self, batch: dict) -> dict[str, float]:
         t, eng = self.cfg.train, self.engine
         eng.set_lr(lr_at(self.step, t))
-        sums: dict[str, torch.Tensor] = {}
-        micro = list(self._micro_batches(batch, self.step))
-        for i, mb in enumerate(micro):
-            last = i == len(micro) - 1
-            with eng.micro_context(last), autocast(self.cfg, self.d.device):
-                terms = self.model(mb)
-            eng.backward(terms["loss"], t.grad_accum, last)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float() / t.grad_accum
+        sums = forward_backward(eng, list(self._micro_batches(batch, self.step)), self.cfg, self.d.device)
         grad_norm = eng.clip_grad_norm(t.grad_clip if t.grad_clip > 0 else float("inf"))
         names = sorted(sums)
         # TP ranks of one data-parallel replica hold equal losses, so the mean over all ranks is the DP mean

@@ -1,0 +1,216 @@
+#!/usr/bin/env python
+"""Training throughput, MFU, step time and peak memory of Cola DLM (stage 2: Text VAE + DiT
+prior + frozen reference encoder) beside an AR model of equal trainable parameters, on one
+device, through the trainer's own step (lflm_dist.train.trainer.forward_backward) and the
+parallel layer, with and without activation checkpointing and torch.compile.
+
+  --size 2b    configs/cola_2b.yaml (0.6B VAE + 1.8B DiT, vocab 100352, seq 512) on one GPU, bf16.
+               MFU = model FLOP/s / 989 TFLOP/s (H100/H200 bf16 dense; never the sparse figure).
+  --size tiny  configs/cola_tiny.yaml on CPU (fp32): MFU is the fraction of this machine's
+               measured dense fp32 matmul peak (lflm_dist.parallel.mfu.cpu_peak), so CI-like
+               machines can run it.
+
+Weights are random (throughput does not depend on them) and batches are random token ids.
+Each variant runs in a fresh subprocess (clean memory peak and compile caches). Beside each
+measured peak memory is the planner's prediction (lflm_dist.parallel.plan) for the same
+micro-batch. Prints a table and writes JSON (default bench/results/train_mfu_<size>_<device>.json).
+
+    python bench/train_mfu.py --size tiny
+    python bench/train_mfu.py --size 2b --micro-batch 8 --variants base,ac,compile,ac+compile
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lflm_dist.config import load_config  # noqa: E402
+
+SIZES = {  # cola config, AR stack shape (dim, heads, ffn_mult from the DiT), precision
+    "2b": "configs/cola_2b.yaml",
+    "tiny": "configs/cola_tiny.yaml",
+}
+
+
+def cola_config(size: str, micro_batch: int, variant: str, strategy: str, extra: list[str]):
+    ov = [f"train.global_batch_size={micro_batch}", "train.grad_accum=1", f"parallel.strategy={strategy}",
+          f"parallel.activation_checkpointing={'ac' in variant.split('+')}",
+          f"parallel.compile={'compile' in variant.split('+')}",
+          # random init: the reference encoder is a random frozen copy (init_pretrained=False never reads it)
+          "model.cola.ref_checkpoint=bench-random-init", "run.wandb_mode=disabled"]
+    if size == "tiny":
+        ov += ["model.vocab_size=2048", "train.precision=fp32"]
+    else:
+        ov += ["train.precision=bf16"]
+    return load_config(ROOT / SIZES[size], ov + extra)
+
+
+def ar_config(cola_cfg, extra: list[str]):
+    """The AR model of (about) equal trainable parameters: the DiT's width, heads and FFN ratio,
+    the same vocabulary and sequence length, depth chosen to match Cola's trainable count."""
+    from lflm_dist.config import ModelConfig, TransformerConfig
+    from lflm_dist.models.registry import build_model, count_params
+    with torch.device("meta"):
+        target = count_params(build_model(cola_cfg.model, init_pretrained=False))
+    d = cola_cfg.model.dit.net
+    best = None
+    for n_layers in range(1, 200):
+        m = ModelConfig(family="ar", vocab_size=cola_cfg.model.vocab_size, seq_len=cola_cfg.model.seq_len)
+        m.ar.net = TransformerConfig(dim=d.dim, n_layers=n_layers, n_heads=d.n_heads, ffn_mult=d.ffn_mult,
+                                     rope_theta=d.rope_theta, qk_norm=d.qk_norm)
+        with torch.device("meta"):
+            n = count_params(build_model(m, init_pretrained=False))
+        if best is None or abs(n - target) < abs(best[1] - target):
+            best = (n_layers, n)
+        if n > target:
+            break
+    ov = ["model.family=ar", f"model.ar.net.dim={d.dim}", f"model.ar.net.n_layers={best[0]}",
+          f"model.ar.net.n_heads={d.n_heads}", f"model.ar.net.ffn_mult={d.ffn_mult}",
+          f"model.ar.net.rope_theta={d.rope_theta}", f"model.ar.net.qk_norm={d.qk_norm}"]
+    return ov
+
+
+def run_one(args) -> dict:
+    """One variant in this process: build, parallelise, time `steps` optimizer steps."""
+    from lflm_dist.models.noise import sample_keys
+    from lflm_dist.models.registry import build_model, count_params
+    from lflm_dist.parallel import build_parallel, needs_process_group
+    from lflm_dist.parallel.mfu import device_peak, peak_memory_mb
+    from lflm_dist.parallel.plan import plan
+    from lflm_dist.train.dist import init_distributed
+    from lflm_dist.train.trainer import forward_backward
+
+    cfg = cola_config(args.size, args.micro_batch, args.variant, args.strategy, args.override)
+    if args.model == "ar":
+        cfg = cola_config(args.size, args.micro_batch, args.variant, args.strategy,
+                          args.override + ar_config(cfg, args.override))
+    d = init_distributed(cfg.parallel.backend, force=needs_process_group(cfg.parallel))
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = build_model(cfg.model, init_pretrained=False)
+    n_params, fpt = count_params(model), model.flops_per_token()
+    engine = build_parallel(model, cfg, d.device)
+    build_s = time.perf_counter() - t0
+    bf16 = cfg.train.precision == "bf16"
+    peak = device_peak(d.device, bf16)
+    B, L = args.micro_batch, cfg.model.seq_len
+    g = torch.Generator().manual_seed(0)
+    sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
+    times = []
+    for step in range(args.warmup + args.steps):
+        batch = {"input_ids": torch.randint(0, cfg.model.vocab_size, (B, L), generator=g).to(d.device),
+                 "noise_key": sample_keys(0, step, 0, B).to(d.device)}
+        sync()
+        t = time.perf_counter()
+        terms = forward_backward(engine, [batch], cfg, d.device)
+        engine.clip_grad_norm(cfg.train.grad_clip)
+        engine.step()
+        loss = float(terms["loss"])  # syncs
+        sync()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t)
+        if step == 0:
+            first_step_s = time.perf_counter() - t
+    step_s = statistics.median(times)
+    tok_s = B * L / step_s
+    measured_mb = peak_memory_mb(d.device)
+    predicted = plan(cfg, "ddp", 1, 1, B, bf16, cfg.parallel.activation_checkpointing)
+    return {"model": args.model, "variant": args.variant, "strategy": args.strategy,
+            "params": n_params, "flops_per_token": fpt, "micro_batch": B, "seq_len": L,
+            "step_time_s": step_s, "step_time_min_s": min(times), "tokens_per_s": tok_s,
+            "flops_per_s": fpt * tok_s, "mfu": fpt * tok_s / peak if peak else None, "peak_flops": peak,
+            "peak_mem_gib": measured_mb / 1024, "planned_mem_gib": predicted["total"] / 2 ** 30,
+            "build_s": build_s, "first_step_s": first_step_s, "final_loss": loss, "steps_timed": len(times),
+            "attention": cfg.model.attention, "dtype": "bf16" if bf16 else "fp32"}
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    from lflm_dist.parallel.mfu import _cpu_name
+    return f"{_cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="2b" if torch.cuda.is_available() else "tiny")
+    p.add_argument("--models", default="cola,ar", help="comma list of cola, ar")
+    p.add_argument("--variants", default="", help="comma list of base, ac, compile, ac+compile "
+                   "(default: all four on CUDA, base,ac on CPU)")
+    p.add_argument("--strategy", default="ddp", help="ddp (one device, plain) | fsdp2 | deepspeed")
+    p.add_argument("--micro-batch", type=int, default=0, help="sequences per step (default 8 for 2b, 32 for tiny)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation, allocator warm-up)")
+    p.add_argument("--out", default="", help="JSON path (default bench/results/train_mfu_<size>_<device>.json)")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per variant")
+    p.add_argument("override", nargs="*", help="dotted config overrides for both models")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", default="cola", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="base", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    a.micro_batch = a.micro_batch or (8 if a.size == "2b" else 32)
+    if a.one:
+        print("RESULT " + json.dumps(run_one(a)), flush=True)
+        return
+    if a.size == "2b" and not torch.cuda.is_available():
+        sys.exit("--size 2b needs a CUDA GPU (about 60 GiB at micro-batch 8); use --size tiny on CPU")
+    variants = a.variants.split(",") if a.variants else (
+        ["base", "ac", "compile", "ac+compile"] if torch.cuda.is_available() else ["base", "ac"])
+    rows = []
+    for model in a.models.split(","):
+        for v in variants:
+            cmd = [sys.executable, __file__, "--one", "--size", a.size, "--model", model, "--variant", v,
+                   "--strategy", a.strategy, "--micro-batch", str(a.micro_batch), "--steps", str(a.steps),
+                   "--warmup", str(a.warmup), *a.override]
+            print(f"[train_mfu] {model} {v} ...", flush=True)
+            try:
+                pr = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, cwd=ROOT,
+                                    env={**os.environ, "PYTHONPATH": str(ROOT)})
+                out = [ln for ln in pr.stdout.splitlines() if ln.startswith("RESULT ")]
+                if pr.returncode or not out:
+                    err = (pr.stderr.strip().splitlines() or ["?"])[-1]
+                    rows.append({"model": model, "variant": v, "error": err[-300:]})
+                    print(pr.stderr[-2000:], file=sys.stderr)
+                else:
+                    rows.append(json.loads(out[-1][len("RESULT "):]))
+            except subprocess.TimeoutExpired:
+                rows.append({"model": model, "variant": v, "error": f"timed out after {a.timeout}s"})
+    dev = device_name()
+    what = "MFU (of 989 TFLOP/s bf16 dense)" if torch.cuda.is_available() else "of measured fp32 matmul peak"
+    print(f"\ndevice: {dev}   torch {torch.__version__}   size {a.size}   micro-batch {a.micro_batch}   "
+          f"strategy {a.strategy}")
+    print(f"{'model':5} {'variant':11} {'params':>8} {'GFLOP/tok':>9} {'step s':>7} {'tokens/s':>9} "
+          f"{'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>8} {'plan GiB':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:5} {r['variant']:11} error: {r['error']}")
+            continue
+        mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "   n/a"
+        print(f"{r['model']:5} {r['variant']:11} {r['params'] / 1e6:7.1f}M {r['flops_per_token'] / 1e9:9.3f} "
+              f"{r['step_time_s']:7.3f} {r['tokens_per_s']:9.0f} {r['flops_per_s'] / 1e12:8.2f} {mfu} "
+              f"{r['peak_mem_gib']:8.2f} {r['planned_mem_gib']:8.2f}")
+    print(f"MFU column: {what}")
+    import re
+    tag = "cpu" if not torch.cuda.is_available() else next(
+        (w.lower() for w in dev.split() if re.fullmatch(r"[A-Z]+\d+[A-Z]*", w)), re.sub(r"\W+", "_", dev).lower())
+    out = Path(a.out or ROOT / f"bench/results/train_mfu_{a.size}_{tag}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": dev, "torch": torch.__version__, "size": a.size, "platform": platform.platform(),
+                               "micro_batch": a.micro_batch, "strategy": a.strategy, "steps": a.steps,
+                               "warmup": a.warmup, "mfu_denominator": what, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
