@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Training throughput, MFU, step time and peak memory of Cola DLM (stage 2: Text VAE + DiT
-prior + frozen reference encoder) beside an AR model of equal trainable parameters, on one
+prior + frozen reference encoder) beside the AR baseline of equal trainable parameters
+(configs/ar_tiny.yaml, configs/ar_2b.yaml), on one
 device, through the trainer's own step (lflm_dist.train.trainer.forward_backward) and the
 parallel layer, with and without activation checkpointing and torch.compile.
 
   --size 2b    configs/cola_2b.yaml (0.6B VAE + 1.8B DiT, vocab 100352, seq 512) on one GPU, bf16.
                MFU = model FLOP/s / 989 TFLOP/s (H100/H200 bf16 dense; never the sparse figure).
-  --size tiny  configs/cola_tiny.yaml on CPU (fp32): MFU is the fraction of this machine's
+  --size tiny  configs/cola_tiny.yaml and ar_tiny.yaml on CPU (fp32): MFU is the fraction of this machine's
                measured dense fp32 matmul peak (lflm_dist.parallel.mfu.cpu_peak), so CI-like
                machines can run it.
 
@@ -37,48 +38,24 @@ sys.path.insert(0, str(ROOT))
 
 from lflm_dist.config import load_config  # noqa: E402
 
-SIZES = {  # cola config, AR stack shape (dim, heads, ffn_mult from the DiT), precision
-    "2b": "configs/cola_2b.yaml",
-    "tiny": "configs/cola_tiny.yaml",
+SIZES = {  # size: (Cola config, AR baseline config of equal trainable parameters)
+    "2b": ("configs/cola_2b.yaml", "configs/ar_2b.yaml"),
+    "tiny": ("configs/cola_tiny.yaml", "configs/ar_tiny.yaml"),
 }
 
 
-def cola_config(size: str, micro_batch: int, variant: str, strategy: str, extra: list[str]):
+def bench_config(size: str, model: str, micro_batch: int, variant: str, strategy: str, extra: list[str]):
+    parts = variant.split("+")
     ov = [f"train.global_batch_size={micro_batch}", "train.grad_accum=1", f"parallel.strategy={strategy}",
-          f"parallel.activation_checkpointing={'ac' in variant.split('+')}",
-          f"parallel.compile={'compile' in variant.split('+')}",
-          # random init: the reference encoder is a random frozen copy (init_pretrained=False never reads it)
-          "model.cola.ref_checkpoint=bench-random-init", "run.wandb_mode=disabled"]
+          f"parallel.activation_checkpointing={'ac' in parts}", f"parallel.compile={'compile' in parts}",
+          "run.wandb_mode=disabled"]
+    if model == "cola":  # the reference encoder is a random frozen copy: init_pretrained=False never reads it
+        ov += ["model.cola.ref_checkpoint=bench-random-init"]
     if size == "tiny":
         ov += ["model.vocab_size=2048", "train.precision=fp32"]
     else:
         ov += ["train.precision=bf16"]
-    return load_config(ROOT / SIZES[size], ov + extra)
-
-
-def ar_config(cola_cfg, extra: list[str]):
-    """The AR model of (about) equal trainable parameters: the DiT's width, heads and FFN ratio,
-    the same vocabulary and sequence length, depth chosen to match Cola's trainable count."""
-    from lflm_dist.config import ModelConfig, TransformerConfig
-    from lflm_dist.models.registry import build_model, count_params
-    with torch.device("meta"):
-        target = count_params(build_model(cola_cfg.model, init_pretrained=False))
-    d = cola_cfg.model.dit.net
-    best = None
-    for n_layers in range(1, 200):
-        m = ModelConfig(family="ar", vocab_size=cola_cfg.model.vocab_size, seq_len=cola_cfg.model.seq_len)
-        m.ar.net = TransformerConfig(dim=d.dim, n_layers=n_layers, n_heads=d.n_heads, ffn_mult=d.ffn_mult,
-                                     rope_theta=d.rope_theta, qk_norm=d.qk_norm)
-        with torch.device("meta"):
-            n = count_params(build_model(m, init_pretrained=False))
-        if best is None or abs(n - target) < abs(best[1] - target):
-            best = (n_layers, n)
-        if n > target:
-            break
-    ov = ["model.family=ar", f"model.ar.net.dim={d.dim}", f"model.ar.net.n_layers={best[0]}",
-          f"model.ar.net.n_heads={d.n_heads}", f"model.ar.net.ffn_mult={d.ffn_mult}",
-          f"model.ar.net.rope_theta={d.rope_theta}", f"model.ar.net.qk_norm={d.qk_norm}"]
-    return ov
+    return load_config(ROOT / SIZES[size][model == "ar"], ov + extra)
 
 
 def run_one(args) -> dict:
@@ -91,10 +68,7 @@ def run_one(args) -> dict:
     from lflm_dist.train.dist import init_distributed
     from lflm_dist.train.trainer import forward_backward
 
-    cfg = cola_config(args.size, args.micro_batch, args.variant, args.strategy, args.override)
-    if args.model == "ar":
-        cfg = cola_config(args.size, args.micro_batch, args.variant, args.strategy,
-                          args.override + ar_config(cfg, args.override))
+    cfg = bench_config(args.size, args.model, args.micro_batch, args.variant, args.strategy, args.override)
     d = init_distributed(cfg.parallel.backend, force=needs_process_group(cfg.parallel))
     torch.manual_seed(0)
     t0 = time.perf_counter()
