@@ -61,7 +61,7 @@ def bench_config(size: str, model: str, micro_batch: int, variant: str, strategy
 def run_one(args) -> dict:
     """One variant in this process: build, parallelise, time `steps` optimizer steps."""
     from lflm_dist.models.noise import sample_keys
-    from lflm_dist.models.registry import build_model, count_params
+    from lflm_dist.models.registry import build_model, count_params, init_model
     from lflm_dist.parallel import build_parallel, needs_process_group
     from lflm_dist.parallel.mfu import device_peak, peak_memory_mb
     from lflm_dist.parallel.plan import plan
@@ -72,9 +72,9 @@ def run_one(args) -> dict:
     d = init_distributed(cfg.parallel.backend, force=needs_process_group(cfg.parallel))
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = build_model(cfg.model, init_pretrained=False)
+    model = build_model(cfg.model, device="meta")
     n_params, fpt = count_params(model), model.flops_per_token()
-    engine = build_parallel(model, cfg, d.device)
+    engine = build_parallel(model, cfg, d.device, init=lambda m, dev: init_model(m, dev, 0, pretrained=False))
     build_s = time.perf_counter() - t0
     bf16 = cfg.train.precision == "bf16"
     peak = device_peak(d.device, bf16)

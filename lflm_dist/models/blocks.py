@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lflm_dist.config import TransformerConfig
+from lflm_dist.models.init import zero_init
 
 
 # ----------------------------------------------------------------------------- masks
@@ -255,10 +256,7 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm, self.ffn_norm = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
         self.attn, self.ffn = Attention(cfg), SwiGLU(cfg)
-        self.adaln = nn.Linear(cfg.dim, 6 * cfg.dim) if adaln else None
-        if adaln:
-            nn.init.zeros_(self.adaln.weight)
-            nn.init.zeros_(self.adaln.bias)
+        self.adaln = zero_init(nn.Linear(cfg.dim, 6 * cfg.dim)) if adaln else None
 
     def forward(self, x, cos, sin, mask, cond=None, cache=None, commit=True):
         if self.adaln is None:

@@ -34,17 +34,15 @@ class ColaDLM(nn.Module):
             if cfg.cola.lambda_ref > 0:
                 self.ref_encoder = copy.deepcopy(self.vae.encoder).requires_grad_(False)
 
-    def load_stage1(self, state: dict, source="stage-1 checkpoint") -> None:
-        """Initialise the VAE (weights and latent statistics) from a stage-1 model state and
-        freeze a copy of its encoder as the reference q_phi_ref."""
-        vae = {k[len("vae."):]: v for k, v in state.items() if k.startswith("vae.")}
-        missing, unexpected = self.vae.load_state_dict(vae, strict=False)
-        if missing or unexpected or not vae:
-            raise RuntimeError(f"{source}: its VAE does not match model.vae of this config "
-                               f"(missing {missing[:4]}, unexpected {unexpected[:4]}); use the same model.vae "
-                               "settings as the stage-1 run")
-        if self.ref_encoder is not None:
-            self.ref_encoder.load_state_dict(self.vae.encoder.state_dict())
+    # the frozen reference encoder starts as a copy of the encoder (lflm_dist.models.init)
+    init_aliases = {"ref_encoder.": "vae.encoder."}
+
+    def pretrained_weights(self) -> tuple[str, dict[str, str]] | None:
+        """Stage 2 starts from the stage-1 VAE (weights and latent statistics), and the frozen
+        reference encoder q_phi_ref is the stage-1 encoder: (checkpoint, {prefix: source prefix})."""
+        if self.stage != 2 or not self.cfg.cola.ref_checkpoint:
+            return None
+        return self.cfg.cola.ref_checkpoint, {"vae.": "vae.", "ref_encoder.": "vae.encoder."}
 
     def forward(self, batch):  # DDP hooks run on forward(); the loss is the forward pass
         return self.loss(batch)

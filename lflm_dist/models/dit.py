@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lflm_dist.config import DiTConfig
+from lflm_dist.models.init import zero_init
 from lflm_dist.models.noise import Noise
 from lflm_dist.models.blocks import AttnMask, LayerCache, TimestepEmbedder, Transformer, modulate
 
@@ -23,12 +24,9 @@ class BlockCausalDiT(nn.Module):
         self.inp = nn.Linear(latent_dim, d)
         self.t_embed = TimestepEmbedder(d)
         self.net = Transformer(cfg.net, adaln=True)
-        self.final_mod = nn.Linear(d, 2 * d)
-        self.out = nn.Linear(d, latent_dim)
         # adaLN-Zero: the prior starts as the zero velocity field.
-        for lin in (self.final_mod, self.out):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        self.final_mod = zero_init(nn.Linear(d, 2 * d))
+        self.out = zero_init(nn.Linear(d, latent_dim))
 
     def _head(self, h, c):
         shift, scale = self.final_mod(F.silu(c)).chunk(2, dim=-1)

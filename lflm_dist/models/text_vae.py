@@ -79,7 +79,14 @@ class TextVAE(nn.Module):
         self.register_buffer("latent_shift", torch.zeros(cfg.latent_dim))
         self.register_buffer("latent_scale", torch.ones(cfg.latent_dim))
         self.track_latent_stats = True
+        self.reset_buffers()
         self.token_ce, self.token_argmax = F.cross_entropy, torch.argmax  # vocab-parallel under TP (lflm_dist.parallel)
+
+    def reset_buffers(self) -> None:
+        """Identity normalisation until statistics are tracked (lflm_dist.models.init.materialize)."""
+        if not self.latent_shift.is_meta:
+            self.latent_shift.zero_()
+            self.latent_scale.fill_(1.0)
 
     def mask_tokens(self, tokens, noise: Noise):
         """BERT-style corruption of the encoder input; returns (corrupted, masked positions)."""

@@ -34,8 +34,7 @@ def param_layout(cfg: Config, tp: int = 1) -> dict:
     model built on the meta device (so exact for any size)."""
     from lflm_dist.models.blocks import Block
     from lflm_dist.models.registry import build_model
-    with torch.device("meta"):
-        model = build_model(cfg.model, init_pretrained=False)
+    model = build_model(cfg.model, init_pretrained=False, device="meta")
     from lflm_dist.models.ar import ARTransformer
     from lflm_dist.models.text_vae import TextDecoder, TextEncoder
     local = {}  # id(param) -> (rows, numel) held by one TP rank (lflm_dist.parallel.tp.apply_tp)

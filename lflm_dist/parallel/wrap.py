@@ -26,8 +26,14 @@ def needs_process_group(cfg: ParallelConfig) -> bool:
     return cfg.strategy != "ddp" or cfg.tp > 1
 
 
-def build_parallel(model: torch.nn.Module, cfg: Config, device: torch.device):
-    """Return an `Engine` (lflm_dist.parallel.engine) driving `model` under cfg.parallel."""
+def build_parallel(model: torch.nn.Module, cfg: Config, device: torch.device, init=None):
+    """Return an `Engine` (lflm_dist.parallel.engine) driving `model` under cfg.parallel.
+
+    A model built on the meta device is materialised by `init(model, device)`
+    (lflm_dist.models.registry.init_model): under FSDP2 after `fully_shard`, so each rank
+    allocates and initialises only its shard and host/device memory per rank scale with
+    1/world size; otherwise before wrapping (DDP replicates, DeepSpeed partitions a full
+    model, TP slices a full host copy into its shards)."""
     from lflm_dist.parallel import engine as E
     from lflm_dist.parallel.fsdp import apply_activation_checkpointing, apply_compile, apply_fsdp2, mixed_precision
     from lflm_dist.train.optim import build_optimizer
@@ -36,7 +42,14 @@ def build_parallel(model: torch.nn.Module, cfg: Config, device: torch.device):
         raise ConfigError(f"parallel.tp={p.tp} must divide the number of processes ({world}); "
                           f"supported combinations: {SUPPORTED_PARALLEL}")
     dp_rank, dp_size = (dist.get_rank() if dist.is_initialized() else 0), world
-    model = model.to(device)
+    meta = any(t.is_meta for t in model.parameters())
+    if meta and init is None:
+        raise ValueError("build_parallel got a meta-device model and no `init` to materialise it")
+    sharded_init = meta and p.strategy == "fsdp2" and p.tp == 1
+    if meta and not sharded_init:
+        init(model, "cpu" if p.tp > 1 else device)
+    if not sharded_init:
+        model = model.to(device)
     from lflm_dist.parallel import tp as tpmod
     if p.tp > 1:
         tpmod.init_tp(p.tp)
@@ -68,6 +81,8 @@ def build_parallel(model: torch.nn.Module, cfg: Config, device: torch.device):
         else:
             mesh = init_device_mesh(device.type, (world,))
         apply_fsdp2(model, mesh, mixed_precision(device, cfg.train.precision))
+        if sharded_init:
+            init(model, device)
         return E.FSDPEngine(model, model, build_optimizer(model, cfg.train), dp_rank, dp_size, tp=p.tp,
                             tp_info=tp_info, device_type=device.type)
 

@@ -8,6 +8,7 @@ processes and micro-batches. Loss terms are averaged over micro-batches and rank
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import shutil
@@ -20,7 +21,7 @@ from lflm_dist.config import Config, ConfigError, save_config
 from lflm_dist.data.loader import TokenBatches, eval_batches
 from lflm_dist.data.tokenizer import Tokenizer
 from lflm_dist.models.noise import sample_keys
-from lflm_dist.models.registry import build_model, count_params
+from lflm_dist.models.registry import build_model, count_params, init_model
 from lflm_dist.parallel import build_parallel, needs_process_group, unwrap
 from lflm_dist.parallel.mfu import device_peak, peak_memory_mb
 from lflm_dist.train import checkpoint as ckpt
@@ -87,11 +88,12 @@ class Trainer:
         self.valid_dir = Path(cfg.data.path) / cfg.data.valid_split
         self.resume_from = ckpt.latest_checkpoint(self.run_dir)
         torch.manual_seed(t.seed)
-        model = build_model(cfg.model, init_pretrained=self.resume_from is None)
+        model = build_model(cfg.model, device="meta")  # materialised by the parallel layer, per shard
         self.n_params = count_params(model)
         self.flops_per_token = model.flops_per_token()
         # strategy applied from outside the model: DDP | FSDP2 | DeepSpeed ZeRO, optionally megatron TP
-        self.engine = build_parallel(model, cfg, self.d.device)
+        init = functools.partial(init_model, seed=t.seed, pretrained=self.resume_from is None)
+        self.engine = build_parallel(model, cfg, self.d.device, init=init)
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
         self.dp_rank, self.dp_size = self.engine.dp_rank, self.engine.dp_size  # TP ranks share a batch
         bf16 = t.precision == "bf16" or (t.precision == "auto" and self.d.device.type == "cuda")
