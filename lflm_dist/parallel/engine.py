@@ -78,6 +78,13 @@ class Engine:
     def grad_norm_after_step(self) -> float:
         return float("nan")
 
+    @property
+    def optimizer_name(self) -> str:
+        """The optimizer that steps, e.g. AdamW(fused), DeepSpeedCPUAdam (ZeRO wraps it)."""
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)
+        kind = next((k for k in ("fused", "foreach") if getattr(opt, "defaults", {}).get(k)), "")
+        return type(opt).__name__ + (f"({kind})" if kind else "")
+
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
             g["lr"] = lr

@@ -244,7 +244,7 @@ class Trainer:
         if self.d.is_main:
             print(f"[train] {cfg.model.family} stage={cfg.model.cola.stage if cfg.model.family == 'cola' else '-'} "
                   f"params={self.n_params / 1e6:.2f}M world={self.d.world_size} strategy={cfg.parallel.strategy} "
-                  f"tp={cfg.parallel.tp} device={self.d.device} "
+                  f"tp={cfg.parallel.tp} device={self.d.device} optimizer={self.engine.optimizer_name} "
                   f"global_batch={t.global_batch_size}x{cfg.model.seq_len} steps={self.step}->{t.max_steps}")
         tokens_per_step = t.global_batch_size * cfg.model.seq_len
         bar = logger.progress(self.step, t.max_steps)
