@@ -12,6 +12,7 @@ give logits within rtol/atol 1e-4 of the 1-process checkpoint's, and exporting t
 1-process checkpoint reproduces its logits bit for bit."""
 import importlib.util
 import json
+import re
 
 import pytest
 import torch
@@ -36,6 +37,31 @@ CASES = {  # name: (overrides, processes, processes for the resumed half); globa
     "ddp_tp2_dp2": (TP, 4, 4),  # 4 sequences per data-parallel rank
     "fsdp2_tp2_dp2": (FSDP + TP, 4, 4),
 }
+
+
+# What one TP rank holds 1/tp of, by parameter name (written out here rather than read from
+# lflm_dist.parallel.tp.tp_plan, so the memory check below is independent of the code it tests):
+# the blocks' linears, embeddings and heads, and the DiT's adaLN projections, timestep MLP and
+# final modulation with their biases, except the row-parallel t_embed.mlp.2.bias.
+TP_SHARDED = re.compile(r"\.(wqkv|wo|w12|w3|head|embed)\.weight$|\.(adaln|final_mod|t_embed\.mlp\.0)\.(weight|bias)$"
+                        r"|\.t_embed\.mlp\.2\.weight$")
+
+
+def tp_rank_params(cfg, tp: int) -> tuple[int, set[str]]:
+    """Trainable parameters one TP rank holds (embedding rows padded to a multiple of tp), and
+    the names counted as sharded."""
+    from lflm_dist.models.registry import build_model
+    with torch.device("meta"):
+        model = build_model(cfg.model, init_pretrained=False)
+    n, sharded = 0, set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        split = bool(TP_SHARDED.search(name))
+        n += (-(-p.shape[0] // tp) if split else p.shape[0]) * (p.numel() // p.shape[0])
+        if split:
+            sharded.add(name)
+    return n, sharded
 
 
 def _export_module():
@@ -99,6 +125,11 @@ def test_strategy_matches_one_process_resumes_and_exports(name, reference, probe
         assert mem["optimizer"] == pytest.approx(pl["optimizer"], rel=0.02)
     else:
         assert (mem["params"], mem["optimizer"]) == (pl["params"], pl["optimizer"])
+    if tp > 1 and strategy == "ddp":  # each rank holds the whole TP shard: fp32 bytes = 4 x its params
+        n, sharded = tp_rank_params(cfg, tp)
+        for part in ("adaln.weight", "adaln.bias", "t_embed.mlp.0.weight", "t_embed.mlp.2.weight", "final_mod.weight"):
+            assert any(s.startswith("dit.") and s.endswith(part) for s in sharded), part
+        assert mem["params"] == 4 * n
 
     # export -> plain safetensors -> same logits as the 1-process checkpoint at the same step
     out = _export_module().export(run, tmp_path / "export")

@@ -6,7 +6,8 @@ calls `torch.cuda.current_device()` to allocate weights) and no fused kernels ar
 for (`gradient_accumulation_fusion=False`). Nothing in megatron is monkey-patched: this
 module only chooses those settings and silences the warnings about missing Apex /
 Transformer Engine and CUDA_DEVICE_MAX_CONNECTIONS, which do not apply on CPU. It is used
-only when CUDA is absent.
+only when CUDA is absent. (megatron's output gather, gather_output=True, allocates on CUDA
+regardless; `tp.gather_last_dim` does the same all-gather on every device instead.)
 """
 from __future__ import annotations
 

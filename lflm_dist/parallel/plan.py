@@ -31,28 +31,26 @@ STRATEGIES = ("ddp", "fsdp2", "zero1", "zero2", "zero3")
 
 def param_layout(cfg: Config, tp: int = 1) -> dict:
     """Trainable parameters held by one TP rank, and the largest block's size, from the
-    model built on the meta device (so exact for any size)."""
+    model built on the meta device (so exact for any size). What is sharded is read from
+    `tp.tp_plan`, the list `apply_tp` swaps."""
     from lflm_dist.models.blocks import Block
     from lflm_dist.models.registry import build_model
+    from lflm_dist.parallel import tp as tpmod
     model = build_model(cfg.model, init_pretrained=False, device="meta")
-    from lflm_dist.models.ar import ARTransformer
-    from lflm_dist.models.text_vae import TextDecoder, TextEncoder
-    local = {}  # id(param) -> (rows, numel) held by one TP rank (lflm_dist.parallel.tp.apply_tp)
-    for b in model.modules():
-        if isinstance(b, Block):
-            for lin in (b.attn.wqkv, b.ffn.w12):  # column-parallel: rows split
-                w = lin.weight
-                local[id(w)] = (w.shape[0] // tp, w.numel() // tp)
-            for lin in (b.attn.wo, b.ffn.w3):  # row-parallel: columns split
-                w = lin.weight
+    local = {}  # id(param) -> (rows, numel) held by one TP rank
+    if tp > 1:
+        for parent, name, kind, _, _ in tpmod.tp_plan(model):
+            lin = getattr(parent, name)
+            w, b = lin.weight, getattr(lin, "bias", None)
+            if kind == tpmod.EMBED:  # padded to a multiple of tp
+                rows = -(-w.shape[0] // tp)
+                local[id(w)] = (rows, rows * w.shape[1])
+            elif kind == tpmod.ROW:  # columns split; the bias (added after the all-reduce) replicated
                 local[id(w)] = (w.shape[0], w.numel() // tp)
-        if isinstance(b, (TextEncoder, ARTransformer)):  # vocab-parallel embedding, padded to a multiple of tp
-            w = b.embed.weight
-            rows = -(-w.shape[0] // tp)
-            local[id(w)] = (rows, rows * w.shape[1])
-        if isinstance(b, (TextDecoder, ARTransformer)):  # vocab-parallel head
-            w = b.head.weight
-            local[id(w)] = (w.shape[0] // tp, w.numel() // tp)
+            else:  # column-parallel: rows and bias split
+                local[id(w)] = (w.shape[0] // tp, w.numel() // tp)
+                if b is not None:
+                    local[id(b)] = (b.shape[0] // tp, b.numel() // tp)
     total = per_rank = frozen = 0
     shapes = []
     for p in model.parameters():
@@ -63,8 +61,9 @@ def param_layout(cfg: Config, tp: int = 1) -> dict:
         rows, n = local.get(id(p), (p.shape[0], p.numel()))
         per_rank += n
         shapes.append((rows, n))
-    block = max((sum(q.numel() for q in b.parameters()) for b in model.modules() if isinstance(b, Block)), default=0)
-    return {"total": total, "per_tp_rank": per_rank, "frozen": frozen, "largest_block": block // tp,
+    block = max((sum(local.get(id(q), (0, q.numel()))[1] for q in b.parameters()) for b in model.modules()
+                 if isinstance(b, Block)), default=0)
+    return {"total": total, "per_tp_rank": per_rank, "frozen": frozen, "largest_block": block,
             "shapes": shapes}
 
 

@@ -1,28 +1,44 @@
 """Tensor parallelism on megatron-core, applied from outside the model.
 
-`apply_tp(model, tp)` swaps, in every transformer `Block`, the attention `wqkv` / `wo` and
-the SwiGLU `w12` / `w3` `nn.Linear`s for megatron Column/RowParallelLinear (Megatron-LM's
-split: column-parallel in, row-parallel out, one all-reduce per sub-layer in forward and
-one in backward). Weights are resharded from the unsharded init that every rank built with
-the same seed, so a TP run starts from exactly the 1-process model. Module names are
-unchanged (the parallel layers subclass megatron's and keep `.weight`).
+`apply_tp(model, tp)` replaces the layers listed by `tp_plan(model)` with megatron-core
+parallel layers (module names unchanged: the parallel layers subclass megatron's and keep
+`.weight` / `.bias`). Weights are resharded from the unsharded init that every rank built
+with the same seed, so a TP run starts from exactly the 1-process model.
 
-Token embeddings become megatron `VocabParallelEmbedding`s and the vocabulary heads
-column-parallel linears over the vocabulary (`gather_output=False`); the models' token
-cross-entropy hook (`token_ce`, and the VAE's `token_argmax` for recon_acc) is swapped for
-megatron's `vocab_parallel_cross_entropy` / a cross-shard argmax, so full logits are never
-gathered. The VAE encoder's table has one extra row ([MASK]); it is padded with zero rows to
-a multiple of tp (the padding is never looked up, gets no gradient and is dropped on export).
+  every transformer Block   attention wqkv / SwiGLU w12 column-parallel, wo / w3 row-parallel
+                            (Megatron-LM's split: one all-reduce per sub-layer in forward and
+                            one in backward)
+  DiT Block.adaln           column-parallel, output all-gathered (below)
+  DiT t_embed.mlp           column-parallel (hidden sharded) -> SiLU -> row-parallel
+  DiT final_mod             column-parallel, output all-gathered
+  token embeddings          megatron VocabParallelEmbedding
+  vocabulary heads          column-parallel over the vocabulary, output not gathered
 
-Each sharded parameter carries `_lflm_tp = (global_view_shape, shard_dim, real)`: the full
-weight (padded to `global_view_shape[shard_dim]` along `shard_dim`) viewed as
-`global_view_shape` is split into `tp` equal pieces along `shard_dim`, rank r holds piece r
-(reshaped to 2-D), and `real` is the unpadded size along `shard_dim`. wqkv's rows are
-(q|k|v, head, head_dim), so its view is [3, H, hd, D] split on heads; w12's rows are
-(a|b, hidden), view [2, h, D] split on hidden; wo / w3 are split on their input dim;
-embeddings and heads on the vocabulary. Checkpoints store the unpadded view as a DTensor
-(so DCP can reshard across TP degrees) and export reassembles it. The specs are read once,
-before FSDP2 replaces the parameters (`tp_specs`), and kept by the engine by name.
+Why the adaLN projections gather their output: the shift / scale they produce multiply the
+whole (replicated) hidden state before the column-parallel wqkv / w12, which need the full
+vector, and the gates multiply the (all-reduced, replicated) sub-layer outputs; so every rank
+needs all 6·D values. Gathering the [B, G, 6D] output (G = DiT blocks, not tokens) costs
+little and the 6·D² weights, a third of the DiT at cola_2b size, are held 1/tp per rank.
+The DiT's `inp` (latent_dim -> D) and `out` (D -> latent_dim) stay replicated, like the VAE's
+to_latent / from_latent: with latent_dim = 16 they are ~17·D parameters each (35k at D = 2048),
+and sharding them would add a collective to every forward for nothing measurable.
+
+The models' token cross-entropy hook (`token_ce`, and the VAE's `token_argmax` for
+recon_acc) is swapped for megatron's `vocab_parallel_cross_entropy` / a cross-shard argmax, so
+full logits are never gathered. The VAE encoder's table has one extra row ([MASK]); it is
+padded with zero rows to a multiple of tp (the padding is never looked up, gets no gradient
+and is dropped on export).
+
+Each sharded parameter (weights, and the column-parallel layers' biases) carries
+`_lflm_tp = (global_view_shape, shard_dim, real)`: the full tensor (padded to
+`global_view_shape[shard_dim]` along `shard_dim`) viewed as `global_view_shape` is split into
+`tp` equal pieces along `shard_dim`, rank r holds piece r (reshaped to the local shape), and
+`real` is the unpadded size along `shard_dim`. wqkv's rows are (q|k|v, head, head_dim), so
+its view is [3, H, hd, D] split on heads; w12's rows are (a|b, hidden), view [2, h, D] split
+on hidden; row-parallel weights are split on their input dim; the rest on their rows.
+Checkpoints store the unpadded view as a DTensor (so DCP can reshard across TP degrees) and
+export reassembles it. The specs are read once, before FSDP2 replaces the parameters
+(`tp_specs`), and kept by the engine by name.
 """
 from __future__ import annotations
 
@@ -66,14 +82,41 @@ def _layers():
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
     class ColumnLinear(ColumnParallelLinear):
+        gather = False  # per layer: all-gather the output over TP (gather_last_dim)
+
         def forward(self, x):  # megatron returns (output, bias)
-            return super().forward(x)[0]
+            y = super().forward(x)[0]
+            return gather_last_dim(y) if self.gather else y
 
     class RowLinear(RowParallelLinear):
         def forward(self, x):
             return super().forward(x)[0]
 
     return ColumnLinear, RowLinear, VocabParallelEmbedding
+
+
+class _GatherLastDim(torch.autograd.Function):
+    """Concatenate the TP ranks' pieces along the last dim; backward keeps this rank's slice of
+    the gradient (identical on every TP rank, as the consumers are replicated). This is
+    megatron's gather_from_tensor_model_parallel_region, i.e. what gather_output=True does;
+    megatron-core 0.16.1's allocates its output on torch.cuda.current_device() even for CPU
+    tensors, so the same two lines are written here and used on CPU and CUDA alike."""
+
+    @staticmethod
+    def forward(ctx, x):
+        group = tp_group()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group = tp_group()
+        return grad.chunk(dist.get_world_size(group), dim=-1)[dist.get_rank(group)].contiguous()
+
+
+def gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    return _GatherLastDim.apply(x)
 
 
 def vocab_parallel_ce(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -99,13 +142,59 @@ def vocab_parallel_argmax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return idxs.gather(0, best)[0].long()
 
 
+# kinds of layer in a TP plan
+COL = "col"                # ColumnParallelLinear, output left sharded (feeds a row-parallel layer)
+COL_GATHER = "col_gather"  # ColumnParallelLinear, output all-gathered (consumers need every value)
+ROW = "row"                # RowParallelLinear on a sharded input, output all-reduced
+EMBED = "embed"            # VocabParallelEmbedding, rows padded to a multiple of tp
+HEAD = "head"              # column-parallel over the vocabulary (vocab-parallel cross-entropy)
+
+
+def tp_plan(model: nn.Module) -> list[tuple[nn.Module, str, str, tuple, int]]:
+    """Every layer `apply_tp` replaces, as (parent module, attribute, kind, weight view, shard
+    dim). The memory planner (`plan.param_layout`) reads the same list, so its per-rank
+    parameter counts follow what is actually sharded."""
+    from lflm_dist.models.ar import ARTransformer
+    from lflm_dist.models.blocks import Block
+    from lflm_dist.models.dit import BlockCausalDiT
+    from lflm_dist.models.text_vae import TextDecoder, TextEncoder
+
+    def rows(parent, name, kind=COL):  # split on the output dim (column-parallel)
+        return (parent, name, kind, tuple(getattr(parent, name).weight.shape), 0)
+
+    def cols(parent, name):  # split on the input dim (row-parallel)
+        return (parent, name, ROW, tuple(getattr(parent, name).weight.shape), 1)
+
+    plan = []
+    for m in model.modules():
+        if isinstance(m, TextEncoder):
+            plan.append(rows(m, "embed", EMBED))
+        elif isinstance(m, TextDecoder):
+            plan.append(rows(m, "head", HEAD))
+        elif isinstance(m, ARTransformer):
+            plan += [rows(m, "embed", EMBED), rows(m, "head", HEAD)]
+        elif isinstance(m, BlockCausalDiT):
+            # Megatron's MLP split for the timestep MLP (one all-reduce); final_mod's shift /
+            # scale multiply the full hidden state, so its output is gathered. inp / out stay
+            # replicated (latent_dim wide: see the module docstring).
+            plan += [rows(m.t_embed.mlp, "0"), cols(m.t_embed.mlp, "2"), rows(m, "final_mod", COL_GATHER)]
+        elif isinstance(m, Block):
+            attn, ffn = m.attn, m.ffn
+            D, H, hd = attn.wo.weight.shape[0], attn.n_heads, attn.head_dim
+            h = ffn.w3.weight.shape[1]
+            plan += [(attn, "wqkv", COL, (3, H, hd, D), 1), (attn, "wo", ROW, (D, H * hd), 1),
+                     (ffn, "w12", COL, (2, h, D), 1), (ffn, "w3", ROW, (D, h), 1)]
+            if m.adaln is not None:  # modulation vectors for the full hidden state: gathered
+                plan.append(rows(m, "adaln", COL_GATHER))
+    return plan
+
+
 def apply_tp(model: nn.Module, tp: int) -> nn.Module:
-    """Shard every Block, token embedding and vocabulary head of `model` over the TP group
-    (in place); returns the model."""
+    """Shard the layers of `tp_plan(model)` over the TP group (in place); returns the model."""
     from megatron.core.model_parallel_config import ModelParallelConfig
     from lflm_dist.models.ar import ARTransformer
     from lflm_dist.models.blocks import Block
-    from lflm_dist.models.text_vae import TextDecoder, TextEncoder, TextVAE
+    from lflm_dist.models.text_vae import TextVAE
     rank = dist.get_rank(tp_group())
     Column, Row, VocabEmbedding = _layers()
     dtype = next(model.parameters()).dtype
@@ -113,69 +202,75 @@ def apply_tp(model: nn.Module, tp: int) -> nn.Module:
                                gradient_accumulation_fusion=False, **megatron_cpu.layer_kwargs())
     device = next(model.parameters()).device
 
+    def load_shard(new: nn.Parameter, old: torch.Tensor, view: tuple, dim: int, padded: int | None = None) -> None:
+        """new <- rank's piece of `old` viewed as `view` (zero-padded to `padded` along dim)."""
+        full = old.detach().reshape(view)
+        real = view[dim]
+        if padded is not None and padded > real:
+            pad = list(view)
+            pad[dim] = padded - real
+            full = torch.cat([full, full.new_zeros(pad)], dim=dim)
+        with torch.no_grad():
+            new.copy_(full.chunk(tp, dim=dim)[rank].reshape(new.shape))
+        new.requires_grad_(old.requires_grad)
+        view = list(view)
+        view[dim] = full.shape[dim]
+        new._lflm_tp = (tuple(view), dim, real)
+
     def swap(parent: nn.Module, name: str, kind: str, view: tuple, dim: int) -> None:
-        old: nn.Linear = getattr(parent, name)
-        out_f, in_f = old.weight.shape
-        cls = Column if kind == "col" else Row
-        extra = {"gather_output": False} if kind == "col" else {"input_is_parallel": True, "skip_bias_add": False}
-        new = cls(in_f, out_f, config=mcfg, init_method=lambda w: None, bias=False, **extra).to(device)
-        local = old.weight.detach().reshape(view).chunk(tp, dim=dim)[rank]
-        with torch.no_grad():
-            new.weight.copy_(local.reshape(new.weight.shape))
-        new.weight.requires_grad_(old.weight.requires_grad)
-        new.weight._lflm_tp = (tuple(view), dim, view[dim])
-        setattr(parent, name, new)
-
-    def swap_embedding(parent: nn.Module, name: str) -> None:
-        old: nn.Embedding = getattr(parent, name)
-        rows, D = old.weight.shape
-        padded = -(-rows // tp) * tp  # the VAE encoder's [MASK] row makes its table vocab + 1
-        new = VocabEmbedding(padded, D, init_method=lambda w: None, config=mcfg).to(device)
-        full = torch.cat([old.weight.detach(), old.weight.new_zeros(padded - rows, D)])
-        with torch.no_grad():
-            new.weight.copy_(full.chunk(tp, dim=0)[rank])
-        new.weight.requires_grad_(old.weight.requires_grad)
-        new.weight._lflm_tp = ((padded, D), 0, rows)
-        setattr(parent, name, new)
-
-    def swap_head(parent: nn.Module, name: str) -> None:
-        old: nn.Linear = getattr(parent, name)
-        V, D = old.weight.shape
-        if V % tp:
+        old = getattr(parent, name)
+        if kind == EMBED:
+            rows, D = old.weight.shape
+            padded = -(-rows // tp) * tp  # the VAE encoder's [MASK] row makes its table vocab + 1
+            new = VocabEmbedding(padded, D, init_method=lambda w: None, config=mcfg).to(device)
+            load_shard(new.weight, old.weight, view, 0, padded)
+            setattr(parent, name, new)
+            return
+        if kind == HEAD and old.weight.shape[0] % tp:
             from lflm_dist.config import ConfigError
-            raise ConfigError(f"parallel.tp={tp} must divide the vocabulary size ({V}) for the vocab-parallel "
-                              "head and cross-entropy")
-        swap(parent, name, "col", (V, D), 0)
+            raise ConfigError(f"parallel.tp={tp} must divide the vocabulary size ({old.weight.shape[0]}) for the "
+                              "vocab-parallel head and cross-entropy")
+        out_f, in_f = old.weight.shape
+        bias = old.bias is not None
+        if kind == ROW:
+            new = Row(in_f, out_f, config=mcfg, init_method=lambda w: None, bias=bias, input_is_parallel=True,
+                      skip_bias_add=False)
+        else:
+            new = Column(in_f, out_f, config=mcfg, init_method=lambda w: None, bias=bias, gather_output=False)
+            new.gather = kind == COL_GATHER
+        new = new.to(device)
+        load_shard(new.weight, old.weight, view, dim)
+        if bias and kind == ROW:  # added after the all-reduce: replicated, its grad the same on every rank
+            with torch.no_grad():
+                new.bias.copy_(old.bias)
+            new.bias.requires_grad_(old.bias.requires_grad)
+        elif bias:  # column-parallel: sharded with the output rows (the view's leading dims)
+            load_shard(new.bias, old.bias, view[:-1], dim)
+        setattr(parent, name, new)
 
-    for m in list(model.modules()):
-        if isinstance(m, TextEncoder):
-            swap_embedding(m, "embed")
-        elif isinstance(m, TextDecoder):
-            swap_head(m, "head")
-        elif isinstance(m, ARTransformer):
-            swap_embedding(m, "embed")
-            swap_head(m, "head")
+    for parent, name, kind, view, dim in tp_plan(model):
+        swap(parent, name, kind, view, dim)
+
+    for m in model.modules():
         if isinstance(m, (TextVAE, ARTransformer)):  # the models' token-CE hooks
             if not hasattr(m, "token_ce"):
                 raise RuntimeError(f"{type(m).__name__} has no token_ce hook: vocab-parallel TP cannot apply")
             m.token_ce = vocab_parallel_ce
             if hasattr(m, "token_argmax"):
                 m.token_argmax = vocab_parallel_argmax
-
-    for block in [m for m in model.modules() if isinstance(m, Block)]:
-        attn, ffn = block.attn, block.ffn
-        D, H, hd = attn.wo.weight.shape[0], attn.n_heads, attn.head_dim
-        h = ffn.w3.weight.shape[1]
-        swap(attn, "wqkv", "col", (3, H, hd, D), 1)
-        swap(attn, "wo", "row", (D, H * hd), 1)
-        swap(ffn, "w12", "col", (2, h, D), 1)
-        swap(ffn, "w3", "row", (D, h), 1)
-        attn.n_heads = H // tp  # heads computed on this rank
-        # QK-norm gains are shared by all heads: each rank sees only its heads, so their grads
-        # are partial sums to be all-reduced over the TP group (sync_partial_grads)
-        for norm in (attn.q_norm, attn.k_norm):
-            for prm in norm.parameters():
-                prm._lflm_tp_partial = True
+        if isinstance(m, Block):
+            m.attn.n_heads //= tp  # heads computed on this rank
+            # QK-norm gains are shared by all heads: each rank sees only its heads, so their grads
+            # are partial sums to be all-reduced over the TP group (sync_partial_grads)
+            for norm in (m.attn.q_norm, m.attn.k_norm):
+                for prm in norm.parameters():
+                    prm._lflm_tp_partial = True
+    # megatron marks what it shards (tensor_model_parallel); each such parameter needs our spec,
+    # or checkpoints would store one rank's piece as the whole tensor and the clip norm miscount it
+    unspecified = [n for n, p in model.named_parameters()
+                   if getattr(p, "tensor_model_parallel", False) and not is_tp_param(p)]
+    if unspecified:
+        raise RuntimeError(f"TP-sharded parameters without a layout spec: {unspecified[:5]}")
     return model
 
 
@@ -223,11 +318,14 @@ def gather_full(local: torch.Tensor, spec: tuple, group=None) -> torch.Tensor:
     return torch.cat(parts, dim=dim).narrow(dim, 0, real).reshape(full_shape(spec))
 
 
-def full_shape(spec: tuple) -> tuple[int, int]:
-    """Shape of the unsharded (unpadded) 2-D weight of a TP spec."""
+def full_shape(spec: tuple) -> tuple[int, ...]:
+    """Shape of the unsharded (unpadded) parameter of a TP spec: 2-D for weights (the view's
+    leading dims flattened into rows), 1-D for biases."""
     view, dim, real = spec
     view = list(view)
     view[dim] = real
+    if len(view) == 1:
+        return (real,)
     n = 1
     for v in view[:-1]:
         n *= v
@@ -239,27 +337,23 @@ def _loc(t: torch.Tensor) -> torch.Tensor:
 
 
 def tp_grad_norm_sq(named: list[tuple[str, torch.Tensor]], specs: dict, fsdp: bool = False) -> torch.Tensor:
-    """Squared global grad norm. Without FSDP (DDP: grads replicated over DP): TP-sharded
-    grads summed over the TP group, replicated ones counted once. With FSDP2 over the DP
-    group each rank holds a DP shard of its TP shard: TP-sharded grads are summed over all
-    ranks (TP x DP), replicated ones over the DP group only."""
+    """Squared global grad norm, each element counted once, by megatron's rule
+    (`param_is_not_tensor_parallel_duplicate`): TP-sharded grads on every rank, replicated ones
+    on TP rank 0 only, then one all-reduce: over the TP group under DDP (grads already equal over
+    DP), over all ranks (TP x DP) under FSDP2 (each rank holds a DP shard of its TP shard).
+
+    Not megatron's own get_grad_norm_fp32 / clip_grad_by_total_norm_fp32 (megatron-core
+    0.16.1): they allocate on 'cuda' unconditionally and assert torch.cuda.FloatTensor grads (no
+    CPU / gloo), return the norm as a host float (a device sync each step), and the attribute
+    they select with (`tensor_model_parallel`) is gone once FSDP2 replaces the parameters with
+    DTensors; hence names (`specs`, read before FSDP2) and local shards here."""
     dev = named[0][1].device if named else torch.device("cpu")
-    sharded = torch.zeros((), device=dev, dtype=torch.float32)
-    repl = torch.zeros((), device=dev, dtype=torch.float32)
-    for n, p in named:
-        if p.grad is None:
-            continue
-        s = _loc(p.grad).detach().float().pow(2).sum()
-        if n in specs:
-            sharded += s
-        else:
-            repl += s
-    if fsdp:
-        dist.all_reduce(sharded)
-        dist.all_reduce(repl, group=dp_group())
-    else:
-        dist.all_reduce(sharded, group=tp_group())
-    return sharded + repl
+    tp_rank = dist.get_rank(tp_group())
+    grads = [_loc(p.grad).detach() for n, p in named if p.grad is not None and (n in specs or tp_rank == 0)]
+    sq = (torch.nn.utils.get_total_norm(grads).to(device=dev, dtype=torch.float32) ** 2 if grads
+          else torch.zeros((), device=dev, dtype=torch.float32))
+    dist.all_reduce(sq, group=None if fsdp else tp_group())
+    return sq
 
 
 def sync_partial_grads(named: list[tuple[str, torch.Tensor]], partial: set[str]) -> None:
