@@ -52,9 +52,14 @@ def test_flex_attention_equals_dense_outputs_and_grads(name):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_auto_backend_uses_flex_and_is_causal_on_cuda():
-    assert prepare_mask(AttnMask("block_causal", 64, 1), "auto", torch.device("cuda")) == "causal"
-    assert type(prepare_mask(AttnMask("block_causal", 64, 4), "auto", torch.device("cuda"))).__name__ == "BlockMask"
+def test_auto_backend_uses_flex_for_training_and_is_causal_on_cuda():
+    cuda = torch.device("cuda")
+    assert prepare_mask(AttnMask("block_causal", 64, 1), "auto", cuda) == "causal"
+    assert type(prepare_mask(AttnMask("block_causal", 64, 4), "auto", cuda)).__name__ == "BlockMask"
+    # cached decoding and no-grad evaluation keep the dense mask (no recompilation per length)
+    assert torch.is_tensor(prepare_mask(AttnMask("block_causal", 64, 4, q_start=60), "auto", cuda))
+    with torch.no_grad():
+        assert torch.is_tensor(prepare_mask(AttnMask("block_causal", 64, 4), "auto", cuda))
 
 
 def test_cola_loss_and_grads_flex_equal_dense_on_cuda():

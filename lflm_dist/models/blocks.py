@@ -104,15 +104,19 @@ def prepare_mask(mask, backend: str, device: torch.device):
       dense: the boolean matrix everywhere (the reference path).
       sdpa:  is_causal for plain causal masks (flash / efficient kernels), else the matrix.
       flex:  FlexAttention with a BlockMask (causal masks included).
-      auto:  is_causal where it applies; flex for block-structured masks on CUDA, the matrix on
-             CPU (FlexAttention's CPU path gains nothing at the tiny sizes CPU runs use)."""
+      auto:  is_causal where it applies; flex for block-structured masks in CUDA training passes;
+             the matrix on CPU (FlexAttention's CPU path gains nothing at the tiny sizes CPU runs
+             use) and for cached decoding / evaluation."""
     if not isinstance(mask, AttnMask):
         return mask
     if backend == "dense":
         return mask.dense(device)
     if mask.is_causal and backend in ("auto", "sdpa"):
         return CAUSAL
-    if backend == "flex" or (backend == "auto" and device.type == "cuda"):
+    # auto: flex for training passes only; KV-cached decoding and no-grad evaluation see a new
+    # length at every block, and each new shape would recompile the kernel
+    training_pass = mask.q_start == 0 and torch.is_grad_enabled()
+    if backend == "flex" or (backend == "auto" and device.type == "cuda" and training_pass):
         if device.type != "cuda" and torch.is_grad_enabled():
             raise RuntimeError("model.attention=flex trains on CUDA only (PyTorch's FlexAttention has no CPU "
                                "backward); on CPU use model.attention=auto (dense block masks) or sdpa")

@@ -38,16 +38,18 @@ def _generator(seed: int, name: str) -> torch.Generator:
 
 
 def init_value(module: nn.Module, pname: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
-    """The full initial value of `module`'s own parameter `pname` (fp32, CPU)."""
+    """The full initial value of `module`'s own parameter `pname` (fp32, CPU whatever the
+    ambient default device)."""
+    cpu = torch.device("cpu")
     if getattr(module, "zero_init", False):
-        return torch.zeros(shape)
+        return torch.zeros(shape, device=cpu)
     if isinstance(module, nn.Linear):
         bound = 1.0 / math.sqrt(module.in_features)
-        return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+        return torch.empty(shape, device=cpu).uniform_(-bound, bound, generator=gen)
     if isinstance(module, nn.Embedding):
-        return torch.empty(shape).normal_(0.0, 1.0, generator=gen)
+        return torch.empty(shape, device=cpu).normal_(0.0, 1.0, generator=gen)
     if type(module).__name__ == "RMSNorm":
-        return torch.ones(shape)
+        return torch.ones(shape, device=cpu)
     raise TypeError(f"no initialisation rule for parameter {pname!r} of {type(module).__name__}: add one to "
                     "lflm_dist/models/init.py::init_value")
 
