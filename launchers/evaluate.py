@@ -99,6 +99,8 @@ def format_table(r: dict) -> str:
         rows.append(("Monte Carlo stderr", f"{r['mc_stderr_nll_per_token']:.4f} nats/token"))
     for k, v in r["terms_per_token"].items():
         rows.append((f"  term {k}", f"{v:.4f} nats/token"))
+    if r.get("note"):
+        rows.append(("note", r["note"]))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 

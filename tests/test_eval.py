@@ -337,3 +337,50 @@ def test_lm_eval_command_line_with_lflm_model(ar_run, local_task, tmp_path):
                        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "lflm_tiny_mc" in p.stdout and "acc" in p.stdout
+
+
+def test_iwae_with_hutchinson_is_labelled_an_estimate_not_a_bound():
+    """log-mean-exp of noisy Hutchinson log-densities is biased low: only the exact trace makes
+    the importance-weighted figure an upper bound; k = 1 stays an (unbiased estimate of a) bound."""
+    from lflm_dist.eval.likelihood import BoundSettings, likelihood_kind
+    assert likelihood_kind("cola", BoundSettings(iwae_k=4, trace="hutchinson")) == "iwae_estimate"
+    assert likelihood_kind("cola", BoundSettings(iwae_k=4, trace="exact")) == "iwae_bound"
+    assert likelihood_kind("cola", BoundSettings(iwae_k=1, trace="hutchinson")) == "elbo_bound"
+    assert likelihood_kind("ar", BoundSettings()) == "exact"
+
+
+def test_evaluate_reports_iwae_estimate_with_a_note(cola_run):
+    from lflm_dist.eval.likelihood import BoundSettings
+    from lflm_dist.generate import load_run
+    model, cfg, tok = load_run(cola_run)
+    data = load_eval_text(ROOT / "README.md", tok, max_chars=200)
+    r = evaluate_likelihood(model, cfg, tok, data, batch_size=4,
+                            settings=BoundSettings(iwae_k=2, method="euler", steps=2))
+    assert r["kind"] == "iwae_estimate" and not r["is_upper_bound"] and "biased low" in r["note"]
+
+
+def test_cola_loglikelihood_shares_random_numbers_between_context_and_full(cola_run):
+    """lm-eval's Cola loglikelihood is B(ctx + cont) − B(ctx). With common random numbers the
+    context's own noise cancels: over single draws the difference varies less than the bound of
+    the full text alone (which carries the context's noise); with independent draws for the two
+    bounds it would vary more (measured: 11.7 vs 19.6 vs 30.4 nats over 30 draws). With several
+    draws the Monte Carlo standard error is reported."""
+    import statistics
+    from lflm_dist.eval.harness import LFLM
+    from lflm_dist.eval.likelihood import cola_bound_terms, draw_noise
+    lm = LFLM(run=str(cola_run), device="cpu", draws=1, ode_method="euler", ode_steps=2)
+    ctx, cont = lm._encode_pair("ROMEO: I will go to the town and see the king of", " Verona")
+    full, ctx_w = lm._cola_pair(ctx, cont)
+    assert ctx_w is not None and len(ctx_w[0]) >= 2 * len(full[0]) // 3
+    ft = torch.tensor([full[0]])
+    diffs, fulls = [], []
+    for seed in range(24):
+        lm.seed = seed
+        diffs.append(lm._cola_loglik(0, full, ctx_w))
+        noise = draw_noise((1, ft.shape[1], lm.cfg.model.vae.latent_dim), lm.settings, torch.Generator().manual_seed(seed))
+        fulls.append(float(cola_bound_terms(lm.model, ft, settings=lm.settings, noise=noise)["neg_elbo"][0]))
+    assert statistics.stdev(diffs) < 0.8 * statistics.stdev(fulls)
+    assert lm.mc_stderr == []  # one draw: no spread to report
+    lm.settings.draws = 4
+    lm._cola_loglik(0, full, ctx_w)
+    assert len(lm.mc_stderr) == 1 and lm.mc_stderr[0] > 0

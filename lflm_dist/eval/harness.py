@@ -5,7 +5,11 @@ module is imported (it registers the class under the name "lflm").
   Cola DLM: −[B(context + continuation) − B(context)], B the NLL upper bound of
   `lflm_dist.eval.likelihood` (−ELBO, or the IWAE bound with iwae_k > 1). The context is
   left-padded with <|endoftext|> to whole DiT blocks (as the sampler pads prompts), so both
-  bounds share the same prefix layout; the difference is an estimate, not a bound.
+  bounds share the same prefix layout; the difference is an estimate, not a bound. Both bounds
+  use the same random numbers (posterior noise and Hutchinson probes drawn once for the full
+  window, the context taking their prefix), so the context's own noise cancels rather than
+  adding to the variance; with draws > 1 the estimate is the mean over draws and its Monte
+  Carlo standard error is kept per request (`mc_stderr`, summarised by `run_harness`).
   Inputs longer than the model's window keep their last tokens (context truncated on the left).
 * `loglikelihood_rolling(text)`: −(the bound of `text` under `WINDOW_CONVENTION`).
 * `generate_until(context, gen_kwargs)`: the family's sampler (Cola: `steps` Euler steps per
@@ -20,7 +24,8 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from lflm_dist.eval.likelihood import BoundSettings, family_of, make_windows, window_bounds
+from lflm_dist.eval.likelihood import (BoundSettings, cola_bound_terms, draw_noise, family_of, make_windows,
+                                       prefix_noise, window_bounds)
 
 
 def _bool(x) -> bool:
@@ -53,6 +58,7 @@ class LFLM(LM):
                                       seed=int(seed))
         self.steps, self.guidance, self.seed = int(steps), float(guidance), int(seed)
         self._device = next(model.parameters()).device
+        self.mc_stderr: list[float] = []  # per Cola loglikelihood request, when draws > 1
 
     @property
     def eot_token_id(self) -> int:
@@ -98,19 +104,32 @@ class LFLM(LM):
             continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
         return self.tok.encode(context), self.tok.encode(continuation)
 
+    @torch.no_grad()
+    def _cola_loglik(self, index: int, full: tuple[list[int], int], ctx: tuple[list[int], int] | None) -> float:
+        """−[B(full) − B(ctx)] averaged over `draws`, with common random numbers per draw."""
+        s = self.settings
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        ft = torch.tensor([full[0]], device=self._device)
+        ct = torch.tensor([ctx[0]], device=self._device) if ctx else None
+
+        def bound(toks, noise):
+            t = cola_bound_terms(self.model, toks, k=s.iwae_k, settings=s, noise=noise)
+            return float((t["iwae"] if s.iwae_k > 1 else t["neg_elbo"])[0])
+
+        diffs = []
+        for _ in range(s.draws):
+            noise = draw_noise((s.iwae_k, ft.shape[1], self.cfg.model.vae.latent_dim), s, g)
+            diffs.append(bound(ft, noise) - (bound(ct, prefix_noise(noise, ct.shape[1])) if ct is not None else 0.0))
+        if len(diffs) > 1:
+            d = torch.tensor(diffs, dtype=torch.float64)
+            self.mc_stderr.append(float(d.std() / len(diffs) ** 0.5))
+        return -sum(diffs) / len(diffs)
+
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [self._encode_pair(*r.args[:2]) for r in requests]
         if self.family == "ar":
             return [self._ar_loglik(c, x) for c, x in pairs]
-        fulls, ctxs = zip(*[self._cola_pair(c, x) for c, x in pairs]) if pairs else ((), ())
-        full_b = self._bounds(list(fulls))
-        ctx_list = [c for c in ctxs if c is not None]
-        ctx_b = iter(self._bounds(ctx_list))
-        out = []
-        for fb, c in zip(full_b, ctxs):
-            cb = next(ctx_b) if c is not None else 0.0
-            out.append((-(fb - cb), False))
-        return out
+        return [(self._cola_loglik(i, *self._cola_pair(c, x)), False) for i, (c, x) in enumerate(pairs)]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
@@ -157,6 +176,10 @@ def run_harness(run: str | None, tasks: list[str], *, include_path: str | None =
     tm = TaskManager(include_path=include_path, include_defaults=include_defaults) if include_path else TaskManager()
     res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
                                   log_samples=log_samples, bootstrap_iters=0)
+    spread = ({"draws": lm.settings.draws, "mean": sum(lm.mc_stderr) / len(lm.mc_stderr), "max": max(lm.mc_stderr),
+               "note": "Monte Carlo standard error (nats) of each Cola loglikelihood estimate over draws"}
+              if lm.mc_stderr else None)
     return {"results": res["results"], "configs": {k: str(v) for k, v in res.get("configs", {}).items()},
             "versions": res.get("versions", {}), "model": {"run": run, "family": lm.family,
-                                                           "settings": lm.settings.__dict__}}
+                                                           "settings": lm.settings.__dict__,
+                                                           "loglikelihood_mc_stderr": spread}}

@@ -96,12 +96,14 @@ def _divergence(v: torch.Tensor, x: torch.Tensor, probes: torch.Tensor | None) -
 
 def cnf_log_density(velocity, x0: torch.Tensor, *, trace: str = "hutchinson", probes: int = 1,
                     probe_dist: str = "rademacher", method: str = "dopri5", steps: int = 8, rtol: float = 1e-4,
-                    atol: float = 1e-4, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+                    atol: float = 1e-4, generator: torch.Generator | None = None,
+                    probe_vectors: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """log p_0(x0) [B] for the flow dx/dt = velocity(x, t), t from 0 to 1, with p_1 = N(0, I).
 
     velocity(x [B, ...], t scalar tensor) -> [B, ...]. `trace`: "hutchinson" (`probes` probe
     vectors drawn once per call and held fixed along the trajectory, Rademacher or Gaussian) or
-    "exact". `method`: a torchdiffeq solver; fixed-step ones use `steps` steps, adaptive ones
+    "exact"; `probe_vectors` [probes, B, ...] gives the probes instead of drawing them (common random
+    numbers across calls). `method`: a torchdiffeq solver; fixed-step ones use `steps` steps, adaptive ones
     (dopri5, ...) `rtol`/`atol`. Returns (log density, {"nfe": function evaluations})."""
     from torchdiffeq import odeint
 
@@ -110,7 +112,9 @@ def cnf_log_density(velocity, x0: torch.Tensor, *, trace: str = "hutchinson", pr
     B = x0.shape[0]
     D = x0[0].numel()
     eps = None
-    if trace == "hutchinson":
+    if trace == "hutchinson" and probe_vectors is not None:
+        eps = probe_vectors.to(x0.device, x0.dtype)
+    elif trace == "hutchinson":
         shape = (probes, *x0.shape)
         if probe_dist == "rademacher":
             eps = torch.randint(0, 2, shape, generator=generator, device="cpu").to(x0.device, x0.dtype) * 2 - 1
@@ -161,21 +165,22 @@ class BoundSettings:
 # ----------------------------------------------------------------------------- Cola terms
 @torch.no_grad()
 def cola_bound_terms(model, tokens: torch.Tensor, *, k: int = 1, settings: BoundSettings | None = None,
-                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                     generator: torch.Generator | None = None, noise: dict | None = None) -> dict[str, torch.Tensor]:
     """Every term of the Cola bound for tokens [B, L], with k posterior samples per sequence.
 
     Returns per-sequence nats: recon, log_q, log_pz, log_pzn [B, k] (per sample) and
     entropy, log_jac, prior_ce = E_q[-log p(z)] [B] (mean over the k samples; closed form for
     stage 1); plus neg_elbo [B] = mean recon + prior_ce − entropy (analytic entropy) and
     iwae [B] (−log-mean-exp of the importance weights; = −log w for k = 1).
-    Stage-1 models use the N(0, I) prior on z."""
+    Stage-1 models use the N(0, I) prior on z. `noise` ({"eps": [B*k, L, C], "probes": [P, B*k, L, C]},
+    see `draw_noise`) fixes the random numbers instead of drawing them from `generator`."""
     s = settings or BoundSettings()
     B, L = tokens.shape
     vae = model.vae
     mean, logvar = vae.encoder(tokens)
     mean_k, logvar_k = mean.repeat_interleave(k, 0), logvar.repeat_interleave(k, 0)
     std_k = (0.5 * logvar_k).exp()
-    eps = torch.randn(mean_k.shape, generator=generator, device="cpu").to(mean.device, mean.dtype)
+    eps = (noise["eps"] if noise else torch.randn(mean_k.shape, generator=generator, device="cpu")).to(mean.device, mean.dtype)
     z = mean_k + std_k * eps
     logits = vae.decoder(z).float()
     recon = F.cross_entropy(logits.transpose(1, 2), tokens.repeat_interleave(k, 0), reduction="none").sum(-1)
@@ -191,7 +196,8 @@ def cola_bound_terms(model, tokens: torch.Tensor, *, k: int = 1, settings: Bound
         nfe = 0
     else:
         zn = vae.normalize(z)
-        log_pzn, info = cnf_log_density(model.dit.history_velocity(zn), zn, generator=generator, **s.ode_kwargs())
+        log_pzn, info = cnf_log_density(model.dit.history_velocity(zn), zn, generator=generator, **s.ode_kwargs(),
+                                        probe_vectors=noise.get("probes") if noise else None)
         log_jac = (L * vae.latent_scale.float().abs().log().sum()).expand(B)
         nfe = info["nfe"]
     log_pz = log_pzn.view(B, k) + log_jac[:, None]
@@ -204,6 +210,24 @@ def cola_bound_terms(model, tokens: torch.Tensor, *, k: int = 1, settings: Bound
                iwae=-(torch.logsumexp(log_w, 1) - math.log(k)),
                nfe=torch.tensor(nfe))
     return out
+
+
+def draw_noise(shape: tuple, s: BoundSettings, generator: torch.Generator) -> dict:
+    """The random numbers of one bound evaluation of windows of `shape` [B*k, L, C]: posterior
+    noise and (Hutchinson) probe vectors. Evaluating a prefix of a window with the prefix of
+    these (common random numbers) makes the prefix's terms equal in both: the encoder, decoder
+    and DiT are block-causal and fixed-step ODE solvers integrate each block on its own."""
+    eps = torch.randn(shape, generator=generator)
+    if s.trace != "hutchinson":
+        return {"eps": eps}
+    pshape = (s.probes, *shape)
+    probes = (torch.randint(0, 2, pshape, generator=generator).float() * 2 - 1 if s.probe_dist == "rademacher"
+              else torch.randn(pshape, generator=generator))
+    return {"eps": eps, "probes": probes}
+
+
+def prefix_noise(noise: dict, n: int) -> dict:
+    return {"eps": noise["eps"][:, :n], **({"probes": noise["probes"][:, :, :n]} if "probes" in noise else {})}
 
 
 def iwae_from_log_weights(log_w: torch.Tensor, k: int) -> torch.Tensor:
@@ -336,6 +360,18 @@ def load_eval_text(path: str | Path, tok, max_chars: int | None = None) -> EvalT
 
 
 # ----------------------------------------------------------------------------- top level
+def likelihood_kind(family: str, s: BoundSettings) -> str:
+    """exact (AR); elbo_bound (an unbiased estimate of -ELBO, an upper bound on NLL: Hutchinson's
+    trace is unbiased and enters linearly); iwae_bound (k > 1 with the exact trace); iwae_estimate
+    (k > 1 with Hutchinson: log-mean-exp of noisy log-densities is biased low, so not a bound).
+    All Cola figures carry the ODE solver's discretisation error."""
+    if family == "ar":
+        return "exact"
+    if s.iwae_k == 1:
+        return "elbo_bound"
+    return "iwae_bound" if s.trace == "exact" else "iwae_estimate"
+
+
 def evaluate_likelihood(model, cfg, tok, data: EvalText, *, settings: BoundSettings | None = None,
                         batch_size: int = 8, max_windows: int | None = None) -> dict:
     """NLL (exact for AR, an upper bound for Cola) of `data`, aggregated by token count."""
@@ -358,8 +394,8 @@ def evaluate_likelihood(model, cfg, tok, data: EvalText, *, settings: BoundSetti
     mc = [v for v in r["mc_var"] if v == v]
     out = {
         "family": family,
-        "kind": "exact" if family == "ar" else ("iwae_bound" if s.iwae_k > 1 else "elbo_bound"),
-        "is_upper_bound": family == "cola",
+        "kind": likelihood_kind(family, s),
+        "is_upper_bound": family == "cola" and likelihood_kind(family, s) != "iwae_estimate",
         "nll_total": total,
         "nll_per_token": total / tokens,
         "ppl": perplexity(total, tokens),
@@ -378,6 +414,9 @@ def evaluate_likelihood(model, cfg, tok, data: EvalText, *, settings: BoundSetti
         "seconds": secs,
         "tokens_per_s": tokens / secs if secs > 0 else None,
     }
+    if out["kind"] == "iwae_estimate":
+        out["note"] = ("importance-weighted estimate, not a guaranteed upper bound: the log-mean-exp of "
+                       "Hutchinson log-density estimates is biased low; --trace exact gives the IWAE bound")
     if family == "cola":
         out["estimator"] = {**asdict(s), "ode_t0": 0.0, "ode_t1": 1.0, "base": "N(0, I) at t=1",
                             "prior": "stage-2 DiT CNF" if getattr(model, "dit", None) is not None else "N(0, I)",
