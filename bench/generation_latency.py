@@ -29,7 +29,7 @@ def build(config: str, vocab: int, device):
     from lflm_dist.models.registry import build_model, count_params
     over = [f"model.vocab_size={vocab}"]
     if "cola" in config:
-        over += ["model.cola.lambda_ref=0", "model.cola.ref_checkpoint="]
+        over += ["model.cola.lambda_ref=0", "model.cola.ref_checkpoint=", "model.cola.latent_stats=identity"]
     cfg = load_config(ROOT / config, over)
     m = build_model(cfg.model, init_pretrained=False).to(device).eval()
     return m, cfg, count_params(m)

@@ -78,6 +78,9 @@ class ColaConfig:
     lambda_fm: float = 1.0
     lambda_ref: float = 0.1
     ref_checkpoint: str = ""  # stage 2: run dir or checkpoint whose encoder is the reference
+    # stage 2's latent normalisation (z - shift) * scale for the prior: stage1 (from ref_checkpoint,
+    # frozen) | track (estimated during this run, as stage 1 does) | identity (shift 0, scale 1)
+    latent_stats: str = "stage1"
 
 
 @dataclass
@@ -181,9 +184,16 @@ class Config:
             raise ConfigError(f"model.dit.block_size ({self.model.dit.block_size}) must be a multiple of "
                               f"model.vae.block_size ({self.model.vae.block_size}) so a generated latent "
                               "block decodes on its own")
-        if self.model.cola.stage == 2 and self.model.cola.lambda_ref > 0 and not self.model.cola.ref_checkpoint:
+        c = self.model.cola
+        _choice("model.cola.latent_stats", c.latent_stats, ("stage1", "track", "identity"))
+        if c.stage == 2 and c.lambda_ref > 0 and not c.ref_checkpoint:
             raise ConfigError("model.cola.ref_checkpoint is required in stage 2 when model.cola.lambda_ref > 0 "
                               "(point it at a stage-1 run dir), or set model.cola.lambda_ref=0")
+        if c.stage == 2 and c.latent_stats == "stage1" and not c.ref_checkpoint:
+            raise ConfigError("model.cola.ref_checkpoint is required in stage 2 with model.cola.latent_stats=stage1: "
+                              "the stage-1 run's latent statistics normalise the prior's input. Point it at a "
+                              "stage-1 run dir, or set model.cola.latent_stats=track (estimate them during this run) "
+                              "or identity (shift 0, scale 1)")
         return self
 
 

@@ -63,7 +63,7 @@ def test_auto_backend_uses_flex_for_training_and_is_causal_on_cuda():
 
 
 def test_cola_loss_and_grads_flex_equal_dense_on_cuda():
-    cfg = load_config(None, ["model.vocab_size=100", "model.cola.stage=2", "model.cola.lambda_ref=0",
+    cfg = load_config(None, ["model.vocab_size=100", "model.cola.stage=2", "model.cola.lambda_ref=0", "model.cola.latent_stats=identity",
                              "model.dit.block_size=8", "model.dit.cfg_drop_prob=0.5", "model.vae.mask_prob=0.1"])
     torch.manual_seed(0)
     base = build_model(cfg.model, init_pretrained=False).cuda()

@@ -31,7 +31,8 @@ def tiny_cola(stage: int = 2, perturb: float = 0.3, seed: int = 0):
                              "model.vae.decoder.dim=16", "model.vae.encoder.n_heads=2", "model.vae.decoder.n_heads=2",
                              "model.vae.encoder.n_layers=1", "model.vae.decoder.n_layers=1", "model.vae.latent_dim=4",
                              "model.dit.net.dim=16", "model.dit.net.n_heads=2", "model.dit.net.n_layers=1",
-                             "model.dit.block_size=8", f"model.cola.stage={stage}", "model.cola.lambda_ref=0"])
+                             "model.dit.block_size=8", f"model.cola.stage={stage}", "model.cola.lambda_ref=0",
+                             "model.cola.latent_stats=identity"])
     torch.manual_seed(seed)
     m = build_model(cfg.model).eval()
     if m.dit is not None and perturb:
@@ -198,7 +199,7 @@ def test_generative_perplexity_under_smollm2():
 TINY = ["model.seq_len=32", "model.vae.encoder.dim=32", "model.vae.decoder.dim=32", "model.vae.encoder.n_heads=2",
         "model.vae.decoder.n_heads=2", "model.vae.encoder.n_layers=1", "model.vae.decoder.n_layers=1",
         "model.dit.net.dim=32", "model.dit.net.n_heads=2", "model.dit.net.n_layers=1", "model.dit.block_size=8",
-        "model.cola.stage=2", "model.cola.lambda_ref=0", "model.cola.ref_checkpoint=", "train.global_batch_size=8",
+        "model.cola.stage=2", "model.cola.lambda_ref=0", "model.cola.ref_checkpoint=", "model.cola.latent_stats=track", "train.global_batch_size=8",
         "train.warmup_steps=2", "train.eval_batches=1", "train.lr=3e-3", "run.wandb_mode=disabled",
         "sample.num_samples=0", "data.num_workers=0", "train.max_steps=4", "train.ckpt_every=4"]
 AR_TINY = ["model.seq_len=32", "model.ar.net.dim=32", "model.ar.net.n_heads=2", "model.ar.net.n_layers=2",

@@ -14,7 +14,7 @@ V, L = 97, 32
 def cfg_for(*overrides):
     base = ["model.vocab_size=97", f"model.seq_len={L}", "model.vae.encoder.dim=32", "model.vae.decoder.dim=32",
             "model.vae.encoder.n_heads=2", "model.vae.decoder.n_heads=2", "model.dit.net.dim=32",
-            "model.dit.net.n_heads=2", "model.dit.block_size=8", "model.cola.lambda_ref=0",
+            "model.dit.net.n_heads=2", "model.dit.block_size=8", "model.cola.lambda_ref=0", "model.cola.latent_stats=identity",
             "model.ar.net.dim=32", "model.ar.net.n_heads=2"]
     return load_config(None, base + list(overrides))
 

@@ -17,7 +17,7 @@ from lflm_dist.train.trainer import Trainer
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.seq_len=32", "model.vae.encoder.dim=32", "model.vae.decoder.dim=32", "model.vae.encoder.n_heads=2",
         "model.vae.decoder.n_heads=2", "model.dit.net.dim=32", "model.dit.net.n_heads=2", "model.dit.net.n_layers=2",
-        "model.cola.lambda_ref=0", "model.cola.ref_checkpoint=", "model.vae.mask_prob=0.15",
+        "model.cola.lambda_ref=0", "model.cola.ref_checkpoint=", "model.cola.latent_stats=track", "model.vae.mask_prob=0.15",
         "train.global_batch_size=8", "train.warmup_steps=2", "train.eval_batches=2", "train.lr=3e-3",
         "run.wandb_mode=disabled", "sample.num_samples=0", "data.num_workers=1"]
 
@@ -78,6 +78,16 @@ def test_ddp_two_processes_match_one_process_and_resume_across_world_sizes(tiny_
     # Tolerance: gradient all-reduce sums in a different order than one process does, so the
     # runs agree to float32 rounding, not bit for bit.
     assert losses(two) == pytest.approx(losses(one)[:3], rel=1e-5)
+    # the latent statistics (tracked in these stage-2 runs) come from the whole global batch, so the
+    # 2-process checkpoint holds those of a 1-process run (the old per-rank EMA kept rank 0's half)
+    one3 = tmp_path / "one3"
+    launch(tiny_data, one3, "train.max_steps=3", "train.ckpt_every=3")
+    s1, s2 = ({k: v for k, v in load_file(str(latest_checkpoint(r) / "model.safetensors")).items()
+               if k.startswith("vae.latent_")} for r in (one3, two))
+    assert set(s1) == {"vae.latent_shift", "vae.latent_scale"} and not torch.equal(s1["vae.latent_scale"],
+                                                                                 torch.ones_like(s1["vae.latent_scale"]))
+    for k, v in s1.items():
+        torch.testing.assert_close(s2[k], v, rtol=1e-5, atol=1e-6)
     # resume the 2-process run with 1 process: the data position and keyed noise carry over
     p = launch(tiny_data, two, "train.max_steps=6", "train.ckpt_every=3")
     assert "world size changed 2 -> 1" in p.stdout

@@ -30,7 +30,9 @@ class ColaDLM(nn.Module):
         self.dit = BlockCausalDiT(cfg.dit, cfg.vae.latent_dim) if self.stage == 2 else None
         self.ref_encoder: TextEncoder | None = None
         if self.stage == 2:
-            self.vae.track_latent_stats = False
+            # stage1: frozen at the stage-1 values (loaded with its weights) so the prior's target does
+            # not drift; track: estimated during this run; identity: shift 0, scale 1
+            self.vae.track_latent_stats = cfg.cola.latent_stats == "track"
             if cfg.cola.lambda_ref > 0:
                 self.ref_encoder = copy.deepcopy(self.vae.encoder).requires_grad_(False)
 

@@ -79,6 +79,7 @@ class TextVAE(nn.Module):
         self.register_buffer("latent_shift", torch.zeros(cfg.latent_dim))
         self.register_buffer("latent_scale", torch.ones(cfg.latent_dim))
         self.track_latent_stats = True
+        self._stat_sums: torch.Tensor | None = None  # this step's [sum, sum of squares, count] of latent means
         self.reset_buffers()
         self.token_ce, self.token_argmax = F.cross_entropy, torch.argmax  # vocab-parallel under TP (lflm_dist.parallel)
 
@@ -94,11 +95,30 @@ class TextVAE(nn.Module):
         return tokens.masked_fill(masked, self.vocab_size), masked
 
     @torch.no_grad()
-    def update_latent_stats(self, mean: torch.Tensor) -> None:
+    def accumulate_latent_stats(self, mean: torch.Tensor) -> None:
+        """Add a micro-batch's latent means to this step's sums (applied by update_statistics)."""
+        flat = mean.detach().double().reshape(-1, mean.shape[-1])
+        sums = torch.cat([flat.sum(0), flat.pow(2).sum(0), flat.new_tensor([flat.shape[0]])])
+        self._stat_sums = sums if self._stat_sums is None else self._stat_sums + sums
+
+    @torch.no_grad()
+    def update_statistics(self, all_reduce_sum=None) -> None:
+        """Once per optimizer step (the trainer calls it through its engine): one EMA update of the
+        latent shift/scale from the step's whole global batch, its sums added over micro-batches
+        here and over data-parallel ranks by `all_reduce_sum`. Every rank therefore holds the
+        same statistics, equal to those of a one-process run at the same global batch."""
+        if self._stat_sums is None:
+            return
+        sums, self._stat_sums = self._stat_sums, None
+        if all_reduce_sum is not None:
+            all_reduce_sum(sums)
+        C = self.cfg.latent_dim
+        n = sums[-1]
+        mean = sums[:C] / n
+        var = (sums[C:2 * C] / n - mean.pow(2)).clamp_min(0) * n / (n - 1).clamp_min(1)  # unbiased, as torch.std
         m = self.cfg.latent_stats_momentum
-        flat = mean.detach().float().reshape(-1, mean.shape[-1])
-        self.latent_shift.mul_(m).add_((1 - m) * flat.mean(0))
-        self.latent_scale.mul_(m).add_((1 - m) / flat.std(0).clamp_min(1e-4))
+        self.latent_shift.mul_(m).add_((1 - m) * mean.to(self.latent_shift.dtype))
+        self.latent_scale.mul_(m).add_((1 - m) / var.sqrt().clamp_min(1e-4).to(self.latent_scale.dtype))
 
     def normalize(self, z):
         return (z - self.latent_shift) * self.latent_scale
@@ -127,5 +147,5 @@ class TextVAE(nn.Module):
         with torch.no_grad():
             terms["recon_acc"] = (self.token_argmax(logits, dim=-1) == tokens).float().mean()
         if self.training and self.track_latent_stats:
-            self.update_latent_stats(mean)
+            self.accumulate_latent_stats(mean)
         return terms, mean, logvar, z, enc_in

@@ -78,6 +78,19 @@ class Engine:
     def grad_norm_after_step(self) -> float:
         return float("nan")
 
+    def all_reduce_dp(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel ranks (TP ranks of a replica hold equal values), in place."""
+        if dist.is_initialized() and self.dp_size > 1:
+            dist.all_reduce(t, group=tpmod.dp_group() if self.tp > 1 else None)
+        return t
+
+    def update_statistics(self) -> None:
+        """After each optimizer step: modules keeping running statistics of the data (the Text
+        VAE's latent shift/scale) update them from the whole step, summed over DP ranks."""
+        for m in self.module.modules():
+            if hasattr(m, "update_statistics"):
+                m.update_statistics(self.all_reduce_dp)
+
     @property
     def optimizer_name(self) -> str:
         """The optimizer that steps, e.g. AdamW(fused), DeepSpeedCPUAdam (ZeRO wraps it)."""

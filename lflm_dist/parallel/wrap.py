@@ -92,8 +92,15 @@ def build_parallel(model: torch.nn.Module, cfg: Config, device: torch.device, in
         import deepspeed
         ds_cfg = deepspeed_config(cfg, world, device)
         opt = build_optimizer(model, cfg.train, cpu_offload=p.offload_optimizer)
+        fp32_buffers = {n for n, b in model.named_buffers() if b.dtype == torch.float32}
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
                                                config=ds_cfg, dist_init_required=False)
+        # running statistics (the VAE's latent shift/scale) stay fp32 under bf16: DeepSpeed 0.19 keeps
+        # buffers unless a ds_config sets a buffer dtype; this holds for any ds_config
+        for name, buf in list(engine.module.named_buffers()):
+            if name in fp32_buffers and buf.dtype != torch.float32:
+                owner, _, attr = name.rpartition(".")
+                engine.module.get_submodule(owner)._buffers[attr] = buf.float()
         return E.DeepSpeedEngine(engine, ds_cfg["zero_optimization"]["stage"], dp_rank, dp_size)
     raise ConfigError(f"parallel.strategy={p.strategy!r}; supported: {SUPPORTED_PARALLEL}")
 

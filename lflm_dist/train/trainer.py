@@ -197,6 +197,7 @@ class Trainer:
                 f"checkpoint in {ckpt.checkpoint_dir(self.run_dir)} is intact. Lower train.lr, raise "
                 "train.warmup_steps or check the data, then re-run the same command to resume.")
         eng.step()
+        eng.update_statistics()
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else eng.grad_norm_after_step()
         self.step += 1
         out["lr"] = lr_at(self.step - 1, t)
