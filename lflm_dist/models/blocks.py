@@ -87,12 +87,14 @@ class AttnMask:
 
 @functools.lru_cache(maxsize=64)
 def _dense_rule(kind: str, n: int, block: int, q_start: int, device: torch.device, drop_all: bool) -> torch.Tensor:
-    """AttnMask.allowed as a bool [Q, KV] matrix (every sample's history dropped if drop_all)."""
-    drop = torch.ones(1, dtype=torch.bool, device=device) if drop_all else None
-    rule = AttnMask(kind, n, block, q_start, drop)
-    q = torch.arange(q_start, rule.kv_len, device=device)[:, None]
-    kv = torch.arange(rule.kv_len, device=device)[None, :]
-    return rule.allowed(0, q, kv)
+    """AttnMask.allowed as a bool [Q, KV] matrix (every sample's history dropped if drop_all).
+    Built outside inference mode, so a matrix first made while sampling can serve training."""
+    with torch.inference_mode(False):
+        drop = torch.ones(1, dtype=torch.bool, device=device) if drop_all else None
+        rule = AttnMask(kind, n, block, q_start, drop)
+        q = torch.arange(q_start, rule.kv_len, device=device)[:, None]
+        kv = torch.arange(rule.kv_len, device=device)[None, :]
+        return rule.allowed(0, q, kv)
 
 
 def block_causal_mask(n: int, block: int, device=None) -> torch.Tensor:
@@ -206,19 +208,16 @@ class RMSNorm(nn.Module):
         return rms_norm_reference(x, self.weight, self.eps)
 
 
-_inv_freq_cache: dict = {}
+@functools.lru_cache(maxsize=16)
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
 
 
 def rope_freqs(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
     """Rotary embedding (Su et al.) of integer positions [T] as unit complex numbers
     exp(i * pos * theta^(-2j/head_dim)), complex64 [T, 1, head_dim/2] (broadcast over heads)."""
-    key = (head_dim, theta, positions.device)
-    inv_freq = _inv_freq_cache.get(key)
-    if inv_freq is None:
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
-                                    / head_dim))
-        _inv_freq_cache[key] = inv_freq
-    ang = positions.float()[:, None, None] * inv_freq
+    ang = positions.float()[:, None, None] * _inv_freq(head_dim, theta, positions.device)
     return torch.polar(torch.ones_like(ang), ang)
 
 
