@@ -8,15 +8,20 @@ parallel layer, with and without activation checkpointing and torch.compile.
   --size 2b    configs/cola_2b.yaml (0.6B VAE + 1.8B DiT, vocab 100352, seq 512) on one GPU, bf16.
                MFU = model FLOP/s / 989 TFLOP/s (H100/H200 bf16 dense; never the sparse figure).
   --size tiny  configs/cola_tiny.yaml and ar_tiny.yaml on CPU (fp32): MFU is the fraction of this machine's
-               measured dense fp32 matmul peak (lflm_dist.parallel.mfu.cpu_peak), so CI-like
-               machines can run it.
+               dense fp32 matmul peak, measured in this run (the best of `--peak-reps` 1024^3
+               matmuls at the variants' thread count, before they start), so CI-like machines can
+               run it. As the trainer does on CPU, each variant first makes glibc keep freed memory
+               (lflm_dist.train.host_memory).
 
 Weights are random (throughput does not depend on them) and batches are random token ids.
-Each variant runs in a fresh subprocess (clean memory peak and compile caches). Beside each
-measured peak memory is the planner's prediction (lflm_dist.parallel.plan) for the same
-micro-batch. Prints a table and writes JSON (default bench/results/train_mfu_<size>_<device>.json).
+Each variant runs in a fresh subprocess (clean memory peak and compile caches); with
+`--repeats N` the whole list runs N times, interleaved, and each row reports the median of its
+runs' step times (machine noise then hits every row alike). Beside each measured peak memory is
+the planner's prediction (lflm_dist.parallel.plan) for the same micro-batch. Prints a table, the
+Cola / AR tokens/s ratio per variant, and writes JSON (default
+bench/results/train_mfu_<size>_<device>.json).
 
-    python bench/train_mfu.py --size tiny
+    python bench/train_mfu.py --size tiny --repeats 3
     python bench/train_mfu.py --size 2b --micro-batch 8 --variants base,ac,compile,ac+compile
 """
 from __future__ import annotations
@@ -70,6 +75,9 @@ def run_one(args) -> dict:
 
     cfg = bench_config(args.size, args.model, args.micro_batch, args.variant, args.strategy, args.override)
     d = init_distributed(cfg.parallel.backend, force=needs_process_group(cfg.parallel))
+    if d.device.type == "cpu":
+        from lflm_dist.train.host_memory import retain_freed_memory
+        retain_freed_memory()  # as the trainer does on CPU
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model = build_model(cfg.model, device="meta")
@@ -77,7 +85,7 @@ def run_one(args) -> dict:
     engine = build_parallel(model, cfg, d.device, init=lambda m, dev: init_model(m, dev, 0, pretrained=False))
     build_s = time.perf_counter() - t0
     bf16 = cfg.train.precision == "bf16"
-    peak = device_peak(d.device, bf16)
+    peak = args.peak_flops or device_peak(d.device, bf16)
     B, L = args.micro_batch, cfg.model.seq_len
     g = torch.Generator().manual_seed(0)
     sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
@@ -109,6 +117,34 @@ def run_one(args) -> dict:
             "attention": cfg.model.attention, "dtype": "bf16" if bf16 else "fp32"}
 
 
+def run_variant(a, model: str, v: str, peak: float, rep: int) -> dict:
+    """One variant in a fresh subprocess (run_one); its result row, or one with an error."""
+    cmd = [sys.executable, __file__, "--one", "--size", a.size, "--model", model, "--variant", v,
+           "--strategy", a.strategy, "--micro-batch", str(a.micro_batch), "--steps", str(a.steps),
+           "--warmup", str(a.warmup), "--peak-flops", str(peak), *a.override]
+    print(f"[train_mfu] {model} {v}" + (f" (run {rep + 1}/{a.repeats})" if a.repeats > 1 else "") + " ...",
+          flush=True)
+    try:
+        pr = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    except subprocess.TimeoutExpired:
+        return {"model": model, "variant": v, "error": f"timed out after {a.timeout}s"}
+    out = [ln for ln in pr.stdout.splitlines() if ln.startswith("RESULT ")]
+    if pr.returncode or not out:
+        print(pr.stderr[-2000:], file=sys.stderr)
+        return {"model": model, "variant": v, "error": (pr.stderr.strip().splitlines() or ["?"])[-1][-300:]}
+    return json.loads(out[-1][len("RESULT "):])
+
+
+def merge_runs(runs: list[dict]) -> dict:
+    """One row from a variant's repeated runs: the run with the median step time, with every
+    run's step time listed (an error row if no run succeeded)."""
+    ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["step_time_s"])
+    if not ok:
+        return runs[-1]
+    return {**ok[(len(ok) - 1) // 2], "runs_step_time_s": [r["step_time_s"] for r in runs if "error" not in r]}
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
@@ -128,6 +164,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation, allocator warm-up)")
     p.add_argument("--out", default="", help="JSON path (default bench/results/train_mfu_<size>_<device>.json)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per variant")
+    p.add_argument("--repeats", type=int, default=1, help="run the model/variant list this many times, "
+                   "interleaved; rows report the median")
+    p.add_argument("--peak-reps", type=int, default=100, help="CPU: 1024^3 fp32 matmuls timed for the peak "
+                   "(the best counts; contention only lowers it, so more reps approach the real peak)")
+    p.add_argument("--peak-flops", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("override", nargs="*", help="dotted config overrides for both models")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="cola", help=argparse.SUPPRESS)
@@ -141,27 +182,21 @@ def main() -> None:
         sys.exit("--size 2b needs a CUDA GPU (about 60 GiB at micro-batch 8); use --size tiny on CPU")
     variants = a.variants.split(",") if a.variants else (
         ["base", "ac", "compile", "ac+compile"] if torch.cuda.is_available() else ["base", "ac"])
-    rows = []
-    for model in a.models.split(","):
-        for v in variants:
-            cmd = [sys.executable, __file__, "--one", "--size", a.size, "--model", model, "--variant", v,
-                   "--strategy", a.strategy, "--micro-batch", str(a.micro_batch), "--steps", str(a.steps),
-                   "--warmup", str(a.warmup), *a.override]
-            print(f"[train_mfu] {model} {v} ...", flush=True)
-            try:
-                pr = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, cwd=ROOT,
-                                    env={**os.environ, "PYTHONPATH": str(ROOT)})
-                out = [ln for ln in pr.stdout.splitlines() if ln.startswith("RESULT ")]
-                if pr.returncode or not out:
-                    err = (pr.stderr.strip().splitlines() or ["?"])[-1]
-                    rows.append({"model": model, "variant": v, "error": err[-300:]})
-                    print(pr.stderr[-2000:], file=sys.stderr)
-                else:
-                    rows.append(json.loads(out[-1][len("RESULT "):]))
-            except subprocess.TimeoutExpired:
-                rows.append({"model": model, "variant": v, "error": f"timed out after {a.timeout}s"})
+    peak = 0.0
+    if not torch.cuda.is_available():
+        from lflm_dist.parallel.mfu import measure_cpu_peak
+        peak = measure_cpu_peak(1024, a.peak_reps)
+        print(f"[train_mfu] fp32 matmul peak {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads, best of "
+              f"{a.peak_reps})", flush=True)
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for rep in range(a.repeats):
+        for model in a.models.split(","):
+            for v in variants:
+                runs.setdefault((model, v), []).append(run_variant(a, model, v, peak, rep))
+    rows = [merge_runs(rs) for rs in runs.values()]
     dev = device_name()
-    what = "MFU (of 989 TFLOP/s bf16 dense)" if torch.cuda.is_available() else "of measured fp32 matmul peak"
+    what = "MFU (of 989 TFLOP/s bf16 dense)" if torch.cuda.is_available() else (
+        f"of this run's measured fp32 matmul peak ({peak / 1e9:.0f} GFLOP/s)")
     print(f"\ndevice: {dev}   torch {torch.__version__}   size {a.size}   micro-batch {a.micro_batch}   "
           f"strategy {a.strategy}")
     print(f"{'model':5} {'variant':11} {'params':>8} {'GFLOP/tok':>9} {'step s':>7} {'tokens/s':>9} "
@@ -175,6 +210,12 @@ def main() -> None:
               f"{r['step_time_s']:7.3f} {r['tokens_per_s']:9.0f} {r['flops_per_s'] / 1e12:8.2f} {mfu} "
               f"{r['peak_mem_gib']:8.2f} {r['planned_mem_gib']:8.2f}")
     print(f"MFU column: {what}")
+    ratios = {}
+    for v in variants:
+        tok = {r["model"]: r["tokens_per_s"] for r in rows if r.get("variant") == v and "error" not in r}
+        if "cola" in tok and "ar" in tok:
+            ratios[v] = tok["cola"] / tok["ar"]
+            print(f"cola / ar tokens/s ({v}): {ratios[v]:.3f}")
     import re
     tag = "cpu" if not torch.cuda.is_available() else next(
         (w.lower() for w in dev.split() if re.fullmatch(r"[A-Z]+\d+[A-Z]*", w)), re.sub(r"\W+", "_", dev).lower())
@@ -182,7 +223,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": dev, "torch": torch.__version__, "size": a.size, "platform": platform.platform(),
                                "micro_batch": a.micro_batch, "strategy": a.strategy, "steps": a.steps,
-                               "warmup": a.warmup, "mfu_denominator": what, "rows": rows}, indent=2))
+                               "warmup": a.warmup, "repeats": a.repeats, "peak_flops": peak or None,
+                               "mfu_denominator": what, "cola_over_ar_tokens_per_s": ratios, "rows": rows},
+                              indent=2))
     print(f"wrote {out}")
 
 

@@ -240,3 +240,53 @@ def test_adaln_per_block_equals_per_position():
     per_position = m.dit(x, t_block.repeat_interleave(bs, 1), pos, mask)
     torch.testing.assert_close(per_block, per_position, rtol=1e-5, atol=1e-6)
     assert per_block.abs().mean() > 1e-3  # the DiT is not the zero field
+
+
+def test_cpu_fast_paths_equal_the_reference_formulas():
+    """The hand-written CPU autograd functions and the complex-number RoPE against the plain
+    formulas they replace: RMSNorm (forward bit-identical, on a strided QK view too), SwiGLU
+    (bit-identical both ways), RoPE as the rotation of interleaved pairs."""
+    from lflm_dist.models import blocks
+    torch.manual_seed(0)
+    qkv = torch.randn(3, 10, 3, 2, 8, requires_grad=True)
+    for x in (qkv[:, :, 0], torch.randn(3, 10, 16, requires_grad=True)):
+        w = (torch.rand(x.shape[-1]) + 0.5).requires_grad_()
+        ref = blocks.rms_norm_reference(x, w, 1e-6)
+        fast = blocks._RMSNormFn.apply(x, w, 1e-6)
+        assert torch.equal(fast, ref)
+        g = torch.randn_like(ref)
+        for a, b in zip(torch.autograd.grad(fast, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    h = torch.randn(3, 10, 12, requires_grad=True)
+    a, b = h.chunk(2, dim=-1)
+    ref, fast = torch.nn.functional.silu(a) * b, blocks._SwiGLUFn.apply(h)
+    assert torch.equal(fast, ref)
+    g = torch.randn_like(ref)
+    assert torch.equal(torch.autograd.grad(fast, h, g)[0], torch.autograd.grad(ref, h, g)[0])
+    x, pos = torch.randn(2, 10, 3, 8), torch.arange(5, 15)
+    ang = pos[:, None, None].float() * 10000.0 ** (-torch.arange(0, 8, 2) / 8)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    pairs = torch.stack([x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()], -1).flatten(-2)
+    torch.testing.assert_close(blocks.apply_rope(x, blocks.rope_freqs(pos, 8, 10000.0)), pairs, rtol=1e-5, atol=1e-6)
+
+
+def test_dit_keep_from_equals_full_forward():
+    """The flow-matching loss runs the DiT with keep_from=L (its last block computes only the
+    noisy half); that half must equal the full forward's, outputs and parameter grads, with
+    per-sample history dropout (dense masks cached per rule)."""
+    from lflm_dist.models.blocks import AttnMask
+    m = _random_dit(build_model(cfg_for("model.cola.stage=2").model))
+    bs = m.dit.cfg.block_size
+    x, t = torch.randn(3, 2 * L, 16), torch.rand(3, 2 * L // bs)
+    mask = AttnMask("clean_noisy", L, bs, drop_history=torch.tensor([True, False, True]))
+    for rule in (mask, AttnMask("clean_noisy", L, bs, q_start=L, drop_history=mask.drop_history)):
+        q, kv = torch.arange(rule.q_start, 2 * L)[None, :, None], torch.arange(2 * L)[None, None]
+        assert torch.equal(rule.dense(), rule.allowed(torch.arange(3)[:, None, None], q, kv)[:, None])
+    pos = torch.arange(L).repeat(2)
+    full = m.dit(x, t, pos, mask)[:, L:]
+    part = m.dit(x, t, pos, mask, keep_from=L)
+    torch.testing.assert_close(part, full, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(full)
+    params = [p for p in m.dit.parameters()]
+    for a, b in zip(torch.autograd.grad(part, params, g), torch.autograd.grad(full, params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

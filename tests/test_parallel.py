@@ -98,7 +98,7 @@ def test_strategy_matches_one_process_resumes_and_exports(name, reference, probe
     run = tmp_path / name
     p = launch(tiny_data, run, *extra, *FIRST, nproc=nproc)
     assert f"world={nproc} strategy={strategy} tp={tp}" in p.stdout
-    optimizer = "DeepSpeedCPUAdam" if "offload" in name else "AdamW(foreach)"
+    optimizer = "DeepSpeedCPUAdam" if "offload" in name else "AdamW(fused)"
     assert f"optimizer={optimizer}" in p.stdout
     mem = json.loads((run / "memory" / "rank0.json").read_text())
     if name == "zero2":  # ZeRO partitions are not resharded: a changed world size stops, naming both

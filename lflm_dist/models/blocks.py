@@ -6,6 +6,7 @@ No parallelism here: `lflm_dist/parallel/` wraps these modules from outside.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -67,13 +68,15 @@ class AttnMask:
         return torch.where(q_noisy, noisy_q, clean_q)
 
     def dense(self, device=None) -> torch.Tensor:
-        """bool [Q, KV], or [B, 1, Q, KV] with per-sample history dropout; True = may attend."""
-        q = torch.arange(self.q_start, self.kv_len, device=device)[:, None]
-        kv = torch.arange(self.kv_len, device=device)[None, :]
+        """bool [Q, KV], or [B, 1, Q, KV] with per-sample history dropout; True = may attend.
+        The matrices of a rule are built once and cached (shared: do not modify them); history
+        dropout selects per sample between the rule's matrix and its history-free one."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        base = _dense_rule(self.kind, self.n, self.block, self.q_start, device, False)
         if self.drop_history is None:
-            return self.allowed(0, q, kv)
-        b = torch.arange(self.drop_history.shape[0], device=device)[:, None, None]
-        return self.allowed(b, q[None], kv[None])[:, None]
+            return base
+        no_history = _dense_rule(self.kind, self.n, self.block, self.q_start, device, True)
+        return torch.where(self.drop_history.to(device)[:, None, None, None], no_history, base)
 
     def block_mask(self, device):
         from torch.nn.attention.flex_attention import create_block_mask
@@ -81,6 +84,18 @@ class AttnMask:
         q0 = self.q_start
         return create_block_mask(lambda b, h, q, kv: self.allowed(b, q + q0, kv), B, None, self.q_len,
                                  self.kv_len, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_rule(kind: str, n: int, block: int, q_start: int, device: torch.device, drop_all: bool) -> torch.Tensor:
+    """AttnMask.allowed as a bool [Q, KV] matrix (every sample's history dropped if drop_all).
+    Built outside inference mode, so a matrix first made while sampling can serve training."""
+    with torch.inference_mode(False):
+        drop = torch.ones(1, dtype=torch.bool, device=device) if drop_all else None
+        rule = AttnMask(kind, n, block, q_start, drop)
+        q = torch.arange(q_start, rule.kv_len, device=device)[:, None]
+        kv = torch.arange(rule.kv_len, device=device)[None, :]
+        return rule.allowed(0, q, kv)
 
 
 def block_causal_mask(n: int, block: int, device=None) -> torch.Tensor:
@@ -143,6 +158,45 @@ def flex_attention(q, k, v, block_mask):
 
 
 # ----------------------------------------------------------------------------- layers
+def _eager_cpu(x: torch.Tensor) -> bool:
+    """Whether the hand-written CPU autograd functions below apply: fp32 (CPU training) outside
+    CUDA and outside torch.compile (which fuses the plain formulas itself)."""
+    return x.dtype == torch.float32 and not x.is_cuda and not torch.compiler.is_compiling()
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """fp32 RMSNorm with a hand-written backward. The forward is the reference formula, op for
+    op (bit-identical); the backward, gx = rstd * (g w - xh * mean(g w xh)) and
+    gw = sum(g xh), takes 4 elementwise passes into one buffer, a reduction and a
+    matrix-vector product, where autograd's derivative of the composite takes about twice that
+    (pow, mean, rsqrt, two products and their sums) and allocates each."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        xh = x * rstd
+        ctx.save_for_backward(xh, rstd, weight)
+        return xh * weight
+
+    @staticmethod
+    def backward(ctx, gy):
+        xh, rstd, weight = ctx.saved_tensors
+        t = gy * xh
+        gw = t.sum(tuple(range(gy.dim() - 1))) if ctx.needs_input_grad[1] else None
+        gx = None
+        if ctx.needs_input_grad[0]:
+            dot = (t @ weight).unsqueeze_(-1)  # sum over the row of gy * w * xh
+            gx = torch.mul(gy, weight, out=t).addcmul_(xh, dot, value=-1.0 / xh.shape[-1]).mul_(rstd)
+        return gx, gw, None
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * weight, normalised in fp32 and returned in x's dtype times
+    the weight (so bf16 activations with fp32 gains give fp32, as autocast expects)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -150,22 +204,35 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        """rms_norm_reference. fp32 activations and gains take a faster path: F.rms_norm (a fused
+        kernel) on CUDA and under torch.compile, _RMSNormFn's shorter backward on CPU."""
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            if _eager_cpu(x):
+                return _RMSNormFn.apply(x, self.weight, self.eps)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return rms_norm_reference(x, self.weight, self.eps)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [T, head_dim/2] for integer positions [T] (rotary embedding, Su et al.)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    ang = positions.float()[:, None] * inv_freq[None, :]
-    return ang.cos(), ang.sin()
+@functools.lru_cache(maxsize=16)
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, hd]; rotates pairs (x[2i], x[2i+1])."""
-    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-    return out.type_as(x)
+def rope_freqs(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """Rotary embedding (Su et al.) of integer positions [T] as unit complex numbers
+    exp(i * pos * theta^(-2j/head_dim)), complex64 [T, 1, head_dim/2] (broadcast over heads)."""
+    ang = positions.float()[:, None, None] * _inv_freq(head_dim, theta, positions.device)
+    return torch.polar(torch.ones_like(ang), ang)
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, hd]; rotates pairs (x[2i], x[2i+1]) by freqs [T, 1, hd/2] (rope_freqs):
+    (x[2i] + i x[2i+1]) * e^(i a) = (x[2i] cos a - x[2i+1] sin a) + i (x[2i] sin a + x[2i+1] cos a),
+    as one complex multiply (forward and backward) rather than slices, four products and a stack.
+    Computed in fp32; returns fp32."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * freqs).flatten(-2)
 
 
 class LayerCache:
@@ -200,11 +267,21 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, mask, cache: LayerCache | None = None, commit: bool = True):
+    def forward(self, x, rope, mask, cache: LayerCache | None = None, commit: bool = True, q_from: int = 0):
+        """rope: rope_freqs of the positions of x. With q_from, only positions q_from.. are
+        queries (all positions are keys and values; `mask` holds the query rows only)."""
         B, T, D = x.shape
-        q, k, v = self.wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
-        q, k = q.to(v.dtype), k.to(v.dtype)  # norms/RoPE upcast under autocast; kernels want one dtype
+        # QK-norm and RoPE run in the [B, T, H, hd] layout of the projection, whose rows of
+        # H * hd elements are contiguous (elementwise kernels on the [B, H, T, hd] view walk
+        # hd-long runs, ~3x slower on CPU); attention takes [B, H, T, hd] views, as nanoGPT.
+        q, k, v = self.wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)
+        if q_from:  # (a slice that keeps everything would still cost a zero-filled copy in backward)
+            q, rope_q = q[:, q_from:], rope[q_from:]
+        else:
+            rope_q = rope
+        q, k = apply_rope(self.q_norm(q), rope_q), apply_rope(self.k_norm(k), rope)
+        # norms/RoPE upcast under autocast; kernels want one dtype
+        q, k, v = q.to(v.dtype).transpose(1, 2), k.to(v.dtype).transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.extend(k, v, commit)
         p = self.dropout if self.training else 0.0
@@ -216,7 +293,7 @@ class Attention(nn.Module):
             y = flex_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # -1: heads may be split by TP
+        return self.wo(y.transpose(1, 2).reshape(B, T - q_from, -1))  # -1: heads may be split by TP
 
 
 def ffn_hidden(cfg: TransformerConfig) -> int:
@@ -231,8 +308,33 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(h, cfg.dim, bias=False)
 
     def forward(self, x):
-        a, b = self.w12(x).chunk(2, dim=-1)
+        h = self.w12(x)
+        if _eager_cpu(h):
+            return self.w3(_SwiGLUFn.apply(h))
+        a, b = h.chunk(2, dim=-1)
         return self.w3(F.silu(a) * b)
+
+
+class _SwiGLUFn(torch.autograd.Function):
+    """silu(a) * b for h = [a | b], bit-identical to autograd's, whose backward ends in a
+    `cat` of the two halves' grads (a full extra copy of h's size): here they are written
+    straight into one buffer."""
+
+    @staticmethod
+    def forward(ctx, h):
+        a, b = h.chunk(2, dim=-1)
+        s = F.silu(a)
+        ctx.save_for_backward(a, b, s)
+        return s * b
+
+    @staticmethod
+    def backward(ctx, gy):
+        a, b, s = ctx.saved_tensors
+        gh = gy.new_empty(*gy.shape[:-1], 2 * gy.shape[-1])
+        ga, gb = gh.chunk(2, dim=-1)
+        torch.mul(gy, s, out=gb)
+        torch.ops.aten.silu_backward.grad_input(gy * b, a, grad_input=ga)
+        return gh
 
 
 def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -262,13 +364,17 @@ class Block(nn.Module):
         self.attn, self.ffn = Attention(cfg), SwiGLU(cfg)
         self.adaln = zero_init(nn.Linear(cfg.dim, 6 * cfg.dim)) if adaln else None
 
-    def forward(self, x, cos, sin, mask, cond=None, cache=None, commit=True):
+    def forward(self, x, rope, mask, cond=None, cache=None, commit=True, q_from: int = 0):
+        """With q_from, returns positions q_from.. only: their attention (over all positions),
+        residual and MLP; `mask` holds those query rows, and q_from is a multiple of T/G."""
+        xq = x[:, q_from:] if q_from else x
         if self.adaln is None:
-            x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, commit)
+            x = xq + self.attn(self.attn_norm(x), rope, mask, cache, commit, q_from)
             return x + self.ffn(self.ffn_norm(x))
         s1, c1, g1, s2, c2, g2 = self.adaln(F.silu(cond)).chunk(6, dim=-1)
-        x = x + gate(self.attn(modulate(self.attn_norm(x), s1, c1), cos, sin, mask, cache, commit), g1)
-        return x + gate(self.ffn(modulate(self.ffn_norm(x), s2, c2)), g2)
+        g0 = q_from * cond.shape[1] // x.shape[1]  # conditioning groups before q_from
+        x = xq + gate(self.attn(modulate(self.attn_norm(x), s1, c1), rope, mask, cache, commit, q_from), g1[:, g0:])
+        return x + gate(self.ffn(modulate(self.ffn_norm(x), s2[:, g0:], c2[:, g0:])), g2[:, g0:])
 
 
 class Transformer(nn.Module):
@@ -287,13 +393,29 @@ class Transformer(nn.Module):
         return [LayerCache() for _ in self.layers]
 
     def forward(self, x, positions, mask, cond=None, cache: list[LayerCache] | None = None, commit=True,
-                final_norm: bool = True):
-        """mask: an AttnMask rule, a dense bool tensor, or None (attend to everything)."""
-        cos, sin = rope_cos_sin(positions, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta)
-        mask = prepare_mask(mask, self.attention, x.device)
+                final_norm: bool = True, keep_from: int = 0):
+        """mask: an AttnMask rule, a dense bool tensor, or None (attend to everything).
+        keep_from: return positions keep_from.. only. The last block then computes its queries,
+        residual and MLP for those rows alone (the others are still its keys and values): the
+        DiT's loss reads only the noisy half of its [clean | noisy] layout."""
+        rope = rope_freqs(positions, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta)
+        prepared = prepare_mask(mask, self.attention, x.device)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cond, None if cache is None else cache[i], commit)
+            layer_cache = None if cache is None else cache[i]
+            if keep_from and i == last:
+                rows = prepare_mask(_mask_rows_from(mask, keep_from), self.attention, x.device)
+                x = layer(x, rope, rows, cond, layer_cache, commit, keep_from)
+            else:
+                x = layer(x, rope, prepared, cond, layer_cache, commit)
         return self.norm(x) if final_norm else x
+
+
+def _mask_rows_from(mask, q0: int):
+    """The query rows q0.. of a mask (an AttnMask rule, a dense [..., Q, KV] tensor or None)."""
+    if isinstance(mask, AttnMask):
+        return AttnMask(mask.kind, mask.n, mask.block, mask.q_start + q0, mask.drop_history)
+    return None if mask is None else mask[..., q0:, :]
 
 
 def set_attention_backend(model: nn.Module, backend: str) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from lflm_dist.config import ModelConfig
-from lflm_dist.models.blocks import sample_token, transformer_flops
+from lflm_dist.models.blocks import ffn_hidden, sample_token, transformer_flops
 from lflm_dist.models.dit import BlockCausalDiT
 from lflm_dist.models.noise import Noise
 from lflm_dist.models.text_vae import TextEncoder, TextVAE, gaussian_kl
@@ -117,13 +117,17 @@ class ColaDLM(nn.Module):
     def flops_per_token(self) -> float:
         """Training FLOPs per token: VAE encoder + decoder on L tokens, the DiT on the 2L-long
         [clean | noisy] layout (so twice its per-position cost per token; adaLN once per DiT
-        block), and the frozen reference encoder's forward pass (a third of its training cost)."""
+        block) less what its last block skips for the clean half (attention of its queries, the
+        output projection and the MLP: only the noisy half's velocity is read), and the frozen
+        reference encoder's forward pass (a third of its training cost)."""
         L = self.cfg.seq_len
         v = self.cfg.vae
         total = transformer_flops(v.encoder, L / 2).train + transformer_flops(v.decoder, L / 2).train
         total += 6.0 * v.decoder.dim * self.cfg.vocab_size  # output head
         if self.dit is not None:
-            total += 2 * transformer_flops(self.cfg.dit.net, L / 2, adaln_group=self.cfg.dit.block_size).train
+            d = self.cfg.dit.net
+            total += 2 * transformer_flops(d, L / 2, adaln_group=self.cfg.dit.block_size).train
+            total -= 6.0 * (d.dim * d.dim + 3 * d.dim * ffn_hidden(d)) + 6.0 * 2 * d.dim * L / 2
         if self.ref_encoder is not None:
             total += transformer_flops(v.encoder, L / 2).train / 3
         return total

@@ -32,12 +32,15 @@ class BlockCausalDiT(nn.Module):
         shift, scale = self.final_mod(F.silu(c)).chunk(2, dim=-1)
         return self.out(modulate(h, shift, scale))
 
-    def forward(self, x, t, positions, mask, cache: list[LayerCache] | None = None, commit: bool = True):
+    def forward(self, x, t, positions, mask, cache: list[LayerCache] | None = None, commit: bool = True,
+                keep_from: int = 0):
         """x [B, T, C] latents -> velocity [B, T, C]. t is the time of each DiT block, [B, T/bs]
         (T a multiple of the block size), or of each position, [B, T]: the conditioning is
-        embedded, and the adaLN modulations computed, once per entry of t."""
+        embedded, and the adaLN modulations computed, once per entry of t. With keep_from (a
+        multiple of the block size), only the velocity of positions keep_from.. is computed."""
         c = self.t_embed(t)
-        return self._head(self.net(self.inp(x), positions, mask, cond=c, cache=cache, commit=commit), c)
+        h = self.net(self.inp(x), positions, mask, cond=c, cache=cache, commit=commit, keep_from=keep_from)
+        return self._head(h, c[:, keep_from * c.shape[1] // x.shape[1]:])
 
     # ------------------------------------------------------------------ training
     def flow_matching_loss(self, z0: torch.Tensor, noise: Noise) -> torch.Tensor:
@@ -58,7 +61,7 @@ class BlockCausalDiT(nn.Module):
             drop = noise.uniform((B,)) < self.cfg.cfg_drop_prob
         mask = AttnMask("clean_noisy", L, bs, drop_history=drop)
         pos = torch.arange(L, device=z0.device).repeat(2)  # noisy block b sits at clean block b's positions
-        v = self(x, tt, pos, mask)[:, L:]
+        v = self(x, tt, pos, mask, keep_from=L)  # the clean half's outputs are never read
         return (v.float() - (eps - z0).float()).pow(2).mean()
 
     # ------------------------------------------------------------------ sampling

@@ -11,6 +11,7 @@ RNG, which is what ad-hoc calls and sampling use.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -35,11 +36,17 @@ def sample_keys(seed: int, step: int, first_index: int, count: int) -> torch.Ten
     return (hi << 31) ^ lo
 
 
+@functools.lru_cache(maxsize=32)
+def _index_hash(n: int, device: torch.device) -> torch.Tensor:
+    """The per-element half of keyed_uniform's hash (the same for every key and stream)."""
+    return _mix32(torch.arange(n, dtype=torch.int64, device=device) * 0x165667B1 & _M32)
+
+
 def keyed_uniform(keys: torch.Tensor, shape: tuple[int, ...], stream: int) -> torch.Tensor:
     """Uniform(0, 1) float32 of shape [B, *shape] that depends only on (key, stream, index)."""
     n = math.prod(shape)
     state = _mix32(_mix32(keys & _M32) ^ _mix32((keys >> 31) & _M32) ^ (stream * 0x27D4EB2F & _M32))
-    idx = _mix32(torch.arange(n, dtype=torch.int64, device=keys.device) * 0x165667B1 & _M32)
+    idx = _index_hash(n, keys.device)
     u = _mix32(state[:, None] ^ idx[None, :])
     return ((u.double() + 0.5) / 2.0**32).float().view(keys.shape[0], *shape)
 

@@ -9,9 +9,11 @@ from lflm_dist.config import TrainConfig
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, cpu_offload: bool = False) -> torch.optim.Optimizer:
-    """AdamW over the model's trainable parameters: the fused CUDA kernel on GPU, the
-    multi-tensor (foreach) one on CPU; with DeepSpeed optimizer offload (`cpu_offload`),
-    DeepSpeed's vectorised CPU Adam, which steps the fp32 partitions held in host memory."""
+    """AdamW over the model's trainable parameters: PyTorch's fused kernel on GPU and CPU (one
+    pass over each parameter; on CPU some 20x faster than the multi-tensor `foreach` path, which
+    runs each of its elementwise ops over every parameter in turn); with DeepSpeed optimizer
+    offload (`cpu_offload`), DeepSpeed's vectorised CPU Adam, which steps the fp32 partitions
+    held in host memory."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -22,9 +24,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, cpu_offload: bool 
     if cpu_offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), adamw_mode=True)
-    on_cuda = any(p.is_cuda for p in decay + no_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=on_cuda or None,
-                             foreach=None if on_cuda else True)
+    fused = all(p.device.type in ("cuda", "cpu") for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -26,6 +26,7 @@ from lflm_dist.parallel import build_parallel, needs_process_group, unwrap
 from lflm_dist.parallel.mfu import device_peak, peak_memory_mb
 from lflm_dist.train import checkpoint as ckpt
 from lflm_dist.train.dist import DistInfo, all_reduce_mean, barrier, init_distributed
+from lflm_dist.train.host_memory import retain_freed_memory
 from lflm_dist.train.logging import MetricsLogger
 from lflm_dist.train.optim import lr_at
 
@@ -68,7 +69,10 @@ def forward_backward(engine, micro_batches: list[dict], cfg: Config, device: tor
             terms = engine.model(mb)
         engine.backward(terms["loss"], accum, last)
         for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
+            v = v.detach().float()
+            if accum > 1:
+                v = v / accum
+            sums[k] = sums[k] + v if k in sums else v
     return sums
 
 
@@ -76,8 +80,10 @@ class Trainer:
     def __init__(self, cfg: Config, dist_info: DistInfo | None = None):
         self.cfg = cfg
         self.d = dist_info or init_distributed(cfg.parallel.backend, force=needs_process_group(cfg.parallel))
-        if self.d.world_size > 1 and self.d.device.type == "cpu":
-            torch.set_num_threads(max(1, torch.get_num_threads() // self.d.world_size))
+        if self.d.device.type == "cpu":
+            retain_freed_memory()  # reuse freed activations instead of page-faulting fresh ones each step
+            if self.d.world_size > 1:
+                torch.set_num_threads(max(1, torch.get_num_threads() // self.d.world_size))
         t = cfg.train
         if t.global_batch_size % (self.d.world_size * t.grad_accum):
             raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be divisible by world size "
