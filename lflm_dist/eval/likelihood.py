@@ -94,6 +94,15 @@ def _divergence(v: torch.Tensor, x: torch.Tensor, probes: torch.Tensor | None) -
     return div / probes.shape[0]
 
 
+def draw_probes(shape: tuple, probe_dist: str, generator: torch.Generator | None) -> torch.Tensor:
+    """Hutchinson probe vectors (fp32, CPU): Rademacher ±1 or standard Gaussian."""
+    if probe_dist == "rademacher":
+        return torch.randint(0, 2, shape, generator=generator, device="cpu").float() * 2 - 1
+    if probe_dist == "gaussian":
+        return torch.randn(shape, generator=generator, device="cpu")
+    raise ValueError(f"probe_dist must be rademacher or gaussian, got {probe_dist!r}")
+
+
 def cnf_log_density(velocity, x0: torch.Tensor, *, trace: str = "hutchinson", probes: int = 1,
                     probe_dist: str = "rademacher", method: str = "dopri5", steps: int = 8, rtol: float = 1e-4,
                     atol: float = 1e-4, generator: torch.Generator | None = None,
@@ -115,13 +124,7 @@ def cnf_log_density(velocity, x0: torch.Tensor, *, trace: str = "hutchinson", pr
     if trace == "hutchinson" and probe_vectors is not None:
         eps = probe_vectors.to(x0.device, x0.dtype)
     elif trace == "hutchinson":
-        shape = (probes, *x0.shape)
-        if probe_dist == "rademacher":
-            eps = torch.randint(0, 2, shape, generator=generator, device="cpu").to(x0.device, x0.dtype) * 2 - 1
-        elif probe_dist == "gaussian":
-            eps = torch.randn(shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
-        else:
-            raise ValueError(f"probe_dist must be rademacher or gaussian, got {probe_dist!r}")
+        eps = draw_probes((probes, *x0.shape), probe_dist, generator).to(x0.device, x0.dtype)
     nfe = [0]
 
     def f(t, state):
@@ -220,10 +223,7 @@ def draw_noise(shape: tuple, s: BoundSettings, generator: torch.Generator) -> di
     eps = torch.randn(shape, generator=generator)
     if s.trace != "hutchinson":
         return {"eps": eps}
-    pshape = (s.probes, *shape)
-    probes = (torch.randint(0, 2, pshape, generator=generator).float() * 2 - 1 if s.probe_dist == "rademacher"
-              else torch.randn(pshape, generator=generator))
-    return {"eps": eps, "probes": probes}
+    return {"eps": eps, "probes": draw_probes((s.probes, *shape), s.probe_dist, generator)}
 
 
 def prefix_noise(noise: dict, n: int) -> dict:
