@@ -60,6 +60,9 @@ class VAEConfig:
     mask_prob: float = 0.0  # BERT-style masked-token loss; 0 disables it
     mask_weight: float = 0.1
     latent_stats_momentum: float = 0.99  # EMA of latent mean/std used to normalise for the prior
+    # floor on the posterior std (latent units): var = min_std^2 + exp(logvar). Without one, stage 2's
+    # small entropy weight lets the posterior narrow until the prior must resolve needle-thin modes
+    min_std: float = 0.0
 
 
 @dataclass
@@ -68,6 +71,15 @@ class DiTConfig:
     block_size: int = 4  # latent positions per diffusion block
     t_loc: float = 1.0  # logit-normal timestep: t = sigmoid(t_loc + t_scale * N(0, 1))
     t_scale: float = 1.0
+    # fraction of blocks whose t is drawn uniformly on (0, 1) instead: logit-normal(1, 1) alone almost
+    # never trains small t (P(t < 0.1) ~ 7e-4), where the prior's density must resolve the posterior
+    t_uniform_frac: float = 0.0
+    # the Cola release's recipe: each sample trains at a block size drawn uniformly among the powers
+    # of two up to block_size; and with prompt_in_block_prob a sample's blocks start with a clean part
+    # (t = 0, not in the loss) of 1..size-1 positions, so generation continues a prompt of any length
+    # inside its last block instead of padding it to a whole block. Either makes t per position.
+    random_block_size: bool = False
+    prompt_in_block_prob: float = 0.0
     cfg_drop_prob: float = 0.1  # probability of dropping the clean history (for guidance)
 
 

@@ -290,3 +290,80 @@ def test_dit_keep_from_equals_full_forward():
     params = [p for p in m.dit.parameters()]
     for a, b in zip(torch.autograd.grad(part, params, g), torch.autograd.grad(full, params, g)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the release's recipe
+RECIPE = ("model.cola.stage=2", "model.dit.random_block_size=true", "model.dit.prompt_in_block_prob=0.5")
+
+
+def test_per_sample_block_sizes_give_each_sample_its_own_rule():
+    """AttnMask with a block size per sample: its dense form is, sample by sample, the rule of
+    that sample's block size (with its history dropout), and FlexAttention agrees with it."""
+    from lflm_dist.models.blocks import AttnMask, flex_attention
+    blk, drop = torch.tensor([1, 2, 8, 4]), torch.tensor([False, True, False, False])
+    for kind in ("clean_noisy", "block_causal"):
+        mask = AttnMask(kind, 16, blk, drop_history=drop if kind == "clean_noisy" else None)
+        dense = mask.dense()
+        assert dense.shape == (4, 1, mask.q_len, mask.kv_len)
+        for i in range(4):
+            one = AttnMask(kind, 16, int(blk[i]), drop_history=drop[i:i + 1] if kind == "clean_noisy" else None)
+            assert torch.equal(dense[i, 0], one.dense().reshape(mask.q_len, mask.kv_len)), (kind, i)
+        q, k, v = torch.randn(4, 2, mask.q_len, 8), torch.randn(4, 2, mask.kv_len, 8), torch.randn(4, 2, mask.kv_len, 8)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+        torch.testing.assert_close(flex_attention(q, k, v, mask.block_mask("cpu")), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_release_recipe_loss_is_split_invariant_and_ignores_given_prompt_parts():
+    """Random block sizes and clean prompt parts inside blocks: the loss is still a per-sample sum
+    (equal however the batch is split), draws several block sizes, and the given (clean) positions
+    are not in the loss: changing the DiT's output there changes nothing."""
+    torch.manual_seed(0)
+    m = _random_dit(build_model(cfg_for(*RECIPE, "model.dit.prompt_in_block_prob=1.0").model))
+    x, keys = tokens(8), sample_keys(3, 7, 0, 8)
+    whole = m.loss({"input_ids": x, "noise_key": keys})
+    halves = [m.loss({"input_ids": x[i:i + 4], "noise_key": keys[i:i + 4]}) for i in (0, 4)]
+    torch.testing.assert_close(whole["fm"], (halves[0]["fm"] + halves[1]["fm"]) / 2, rtol=1e-5, atol=1e-6)
+    seen = []
+    orig = m.dit.forward
+
+    def spy(x_, t, pos, mask, **kw):  # records the rule and t the loss used, returns the real output
+        seen.append((mask, t))
+        return orig(x_, t, pos, mask, **kw)
+
+    m.dit.forward = spy
+    m.loss({"input_ids": x, "noise_key": keys})
+    mask, t = seen[-1]
+    assert len(set(mask.block.tolist())) > 1 and set(mask.block.tolist()) <= {1, 2, 4, 8}
+    clean = t[:, L:] == 0
+    assert clean.any() and not clean.all()
+    assert set(clean.sum(1).tolist()) != {0}  # every sample with blocks > 1 has given parts
+
+    def poisoned(x_, t_, pos, mask_, **kw):  # garbage velocity on the given positions only
+        out = orig(x_, t_, pos, mask_, **kw)
+        return torch.where((t_[:, L:] == 0)[..., None], out + 100.0, out)
+
+    m.dit.forward = poisoned
+    torch.testing.assert_close(m.loss({"input_ids": x, "noise_key": keys})["fm"], whole["fm"])
+
+
+def test_prompt_of_any_length_continues_without_eos_padding():
+    """With prompt_in_block_prob, a prompt that ends inside a DiT block is continued inside that
+    block: the encoder sees the prompt and nothing else (no EOS padding), the DiT's KV cache holds
+    the prompt's whole blocks, and the sampler returns max_new_tokens new tokens."""
+    torch.manual_seed(0)
+    m = build_model(cfg_for(*RECIPE).model)
+    bs = m.cfg.dit.block_size
+    seen = []
+    m.vae.encoder.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].clone()))
+    for n in (3, bs, bs + 5, 2 * bs + 1):
+        prompt = [(7 * i) % (V - 1) + 1 for i in range(n)]  # no EOS (0) anywhere
+        seen.clear()
+        out = m.sample([prompt], 12, steps=2, generator=torch.Generator().manual_seed(0))
+        assert len(out[0]) == 12
+        assert seen[0].tolist() == [prompt], n  # the prompt alone, unpadded
+    # a model trained without in-block prompts still pads to whole blocks (what it has seen)
+    plain = build_model(cfg_for("model.cola.stage=2").model)
+    plain.vae.encoder.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].clone()))
+    seen.clear()
+    plain.sample([[5, 6, 7]], 4, steps=2, generator=torch.Generator().manual_seed(0))
+    assert seen[0].shape[1] == bs and seen[0][0, :bs - 3].eq(0).all()

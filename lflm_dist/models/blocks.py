@@ -31,9 +31,12 @@ class AttnMask:
       clean-history + noisy-block): clean block b sees clean blocks <= b; noisy block b sees
       clean blocks < b and itself. `drop_history` (bool [B]) removes the clean history of whole
       samples (classifier-free guidance dropout).
+    `block` is an int, or a LongTensor [B] of per-sample block sizes (the Cola release trains with
+    block sizes drawn among powers of two, so a model serves every block size up to its own).
     Queries are rows `q_start`.. of the full matrix (KV-cached decoding continues a sequence)."""
 
-    def __init__(self, kind: str, n: int, block: int, q_start: int = 0, drop_history: torch.Tensor | None = None):
+    def __init__(self, kind: str, n: int, block: int | torch.Tensor, q_start: int = 0,
+                 drop_history: torch.Tensor | None = None):
         assert kind in ("block_causal", "clean_noisy"), kind
         self.kind, self.n, self.block, self.q_start, self.drop_history = kind, n, block, q_start, drop_history
 
@@ -48,13 +51,20 @@ class AttnMask:
     @property
     def is_causal(self) -> bool:
         """Exactly SDPA's is_causal (square, lower triangular)."""
-        return self.kind == "block_causal" and self.block == 1 and self.q_start == 0
+        return self.kind == "block_causal" and isinstance(self.block, int) and self.block == 1 and self.q_start == 0
+
+    @property
+    def per_sample(self) -> int | None:
+        """Batch size when the rule differs between samples, else None."""
+        if not isinstance(self.block, int):
+            return self.block.shape[0]
+        return None if self.drop_history is None else self.drop_history.shape[0]
 
     def allowed(self, b, q, kv):
         """bool: may query q (absolute row) attend to key kv, in sample b. Plain tensor ops on
         broadcastable index tensors, so the same rule builds the dense matrix and is
         FlexAttention's mask_mod."""
-        blk = self.block
+        blk = self.block if isinstance(self.block, int) else self.block[b]
         if self.kind == "block_causal":
             return kv // blk <= q // blk
         L = self.n
@@ -72,15 +82,19 @@ class AttnMask:
         The matrices of a rule are built once and cached (shared: do not modify them); history
         dropout selects per sample between the rule's matrix and its history-free one."""
         device = torch.device("cpu") if device is None else torch.device(device)
-        base = _dense_rule(self.kind, self.n, self.block, self.q_start, device, False)
-        if self.drop_history is None:
-            return base
-        no_history = _dense_rule(self.kind, self.n, self.block, self.q_start, device, True)
-        return torch.where(self.drop_history.to(device)[:, None, None, None], no_history, base)
+        if isinstance(self.block, int):
+            base = _dense_rule(self.kind, self.n, self.block, self.q_start, device, False)
+            if self.drop_history is None:
+                return base
+            no_history = _dense_rule(self.kind, self.n, self.block, self.q_start, device, True)
+            return torch.where(self.drop_history.to(device)[:, None, None, None], no_history, base)
+        drop = [False] * self.block.shape[0] if self.drop_history is None else self.drop_history.tolist()
+        return torch.stack([_dense_rule(self.kind, self.n, int(blk), self.q_start, device, bool(d))
+                            for blk, d in zip(self.block.tolist(), drop)])[:, None]
 
     def block_mask(self, device):
         from torch.nn.attention.flex_attention import create_block_mask
-        B = None if self.drop_history is None else self.drop_history.shape[0]
+        B = self.per_sample
         q0 = self.q_start
         return create_block_mask(lambda b, h, q, kv: self.allowed(b, q + q0, kv), B, None, self.q_len,
                                  self.kv_len, device=device)

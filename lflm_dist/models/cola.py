@@ -77,10 +77,13 @@ class ColaDLM(nn.Module):
     def sample(self, prompts: list[list[int]], max_new_tokens: int, *, steps: int = 8, guidance: float = 1.0,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, pad_id: int = 0,
                generator: torch.Generator | None = None) -> list[list[int]]:
-        """Block-wise generation. Prompts are left-padded with `pad_id` (the EOS/document
-        separator) to a whole number of DiT blocks and encoded; then, per block: integrate
-        the prior with `steps` Euler steps (guidance w), decode the block with the decoder's
-        KV cache, sample its tokens, and append its clean latent to the DiT's KV cache."""
+        """Block-wise generation. The prompts are encoded (shorter ones left-padded with `pad_id`,
+        the EOS/document separator, to the longest); their whole DiT blocks go into the DiT's and the
+        decoder's KV caches. A prompt ending inside a block continues inside it when the model was
+        trained with dit.prompt_in_block_prob (its last r latents are given, the block's rest is
+        sampled); otherwise it is left-padded to whole blocks. Then, per block: integrate the prior
+        with `steps` Euler steps (guidance w), decode the block with the decoder's KV cache, sample
+        its tokens, and append its clean latent to the DiT's KV cache."""
         if self.dit is None:
             raise RuntimeError("sampling needs the DiT prior: train with model.cola.stage=2")
         was_training = self.training
@@ -88,23 +91,30 @@ class ColaDLM(nn.Module):
         device = next(self.parameters()).device
         bs = self.cfg.dit.block_size
         n = max(len(p) for p in prompts)
-        n = max(bs, -(-n // bs) * bs)
-        toks = torch.tensor([[pad_id] * (n - len(p)) + list(p) for p in prompts], device=device)
-        B = toks.shape[0]
-        mean, _ = self.vae.encoder(toks)
+        if self.cfg.dit.prompt_in_block_prob <= 0:  # never saw a block start clean: pad to whole blocks
+            n = max(bs, -(-n // bs) * bs)
+        B = len(prompts)
         dit_cache, dec_cache = self.dit.net.new_cache(), self.vae.decoder.net.new_cache()
-        self.dit.extend_history(dit_cache, self.vae.normalize(mean), 0)
-        self.vae.decoder(mean, cache=dec_cache)  # decoder history = the prompt's latents
+        full, prefix = n // bs * bs, None
+        if n:
+            toks = torch.tensor([[pad_id] * (n - len(p)) + list(p) for p in prompts], device=device)
+            mean, _ = self.vae.encoder(toks)
+            if full:
+                self.dit.extend_history(dit_cache, self.vae.normalize(mean[:, :full]), 0)
+                self.vae.decoder(mean[:, :full], cache=dec_cache)  # decoder history = the prompt's latents
+            if n > full:
+                prefix = self.vae.normalize(mean[:, full:])
         out = [[] for _ in range(B)]
-        pos = n
+        pos = full
         while len(out[0]) < max_new_tokens:
-            zn = self.dit.sample_block(dit_cache, pos, B, steps, guidance, generator, device)
+            zn = self.dit.sample_block(dit_cache, pos, B, steps, guidance, generator, device, prefix=prefix)
             logits = self.vae.decoder(self.vae.denormalize(zn), cache=dec_cache)
             new = sample_token(logits, temperature, top_k, top_p, generator)
+            r = 0 if prefix is None else prefix.shape[1]  # the prompt's own tokens are not output
             for i in range(B):
-                out[i].extend(new[i].tolist())
+                out[i].extend(new[i, r:].tolist())
             self.dit.extend_history(dit_cache, zn, pos)
-            pos += bs
+            pos, prefix = pos + bs, None
         self.train(was_training)
         return [o[:max_new_tokens] for o in out]
 
@@ -126,7 +136,9 @@ class ColaDLM(nn.Module):
         total += 6.0 * v.decoder.dim * self.cfg.vocab_size  # output head
         if self.dit is not None:
             d = self.cfg.dit.net
-            total += 2 * transformer_flops(d, L / 2, adaln_group=self.cfg.dit.block_size).train
+            per_position_t = self.cfg.dit.random_block_size or self.cfg.dit.prompt_in_block_prob > 0
+            group = 1 if per_position_t else self.cfg.dit.block_size
+            total += 2 * transformer_flops(d, L / 2, adaln_group=group).train
             total -= 6.0 * (d.dim * d.dim + 3 * d.dim * ffn_hidden(d)) + 6.0 * 2 * d.dim * L / 2
         if self.ref_encoder is not None:
             total += transformer_flops(v.encoder, L / 2).train / 3

@@ -43,45 +43,105 @@ class BlockCausalDiT(nn.Module):
         return self._head(h, c[:, keep_from * c.shape[1] // x.shape[1]:])
 
     # ------------------------------------------------------------------ training
+    def _draw_t(self, noise: Noise, shape: tuple) -> torch.Tensor:
+        """Logit-normal t (a share t_uniform_frac of it uniform on (0, 1))."""
+        t = torch.sigmoid(self.cfg.t_loc + self.cfg.t_scale * noise.normal(shape))
+        if self.cfg.t_uniform_frac > 0:  # drawn only when used, so the default keeps its noise streams
+            uniform = noise.uniform(shape) < self.cfg.t_uniform_frac
+            t = torch.where(uniform, noise.uniform(shape).clamp(1e-5, 1 - 1e-5), t)
+        return t
+
+    def block_sizes(self) -> list[int]:
+        """Block sizes a model trained with random_block_size has seen: powers of two up to its own."""
+        bs = self.cfg.block_size
+        return sorted({bs} | {1 << i for i in range(bs.bit_length()) if 1 << i <= bs})
+
     def flow_matching_loss(self, z0: torch.Tensor, noise: Noise) -> torch.Tensor:
         """Clean-history + noisy-block layout: run `[sg(z0) | z_t]` (length 2L) once under
         `clean_noisy_mask`; noisy block b has its own t and sees clean blocks < b. The loss
         (MSE to eps - z0) is on the noisy half. With probability cfg_drop_prob a sequence
         loses its clean history, which trains the unconditional velocity for guidance."""
+        if self.cfg.random_block_size or self.cfg.prompt_in_block_prob > 0:
+            return self._release_recipe_loss(z0, noise)
         B, L, C = z0.shape
         bs = self.cfg.block_size
-        t_block = torch.sigmoid(self.cfg.t_loc + self.cfg.t_scale * noise.normal((B, L // bs)))
+        t_block = self._draw_t(noise, (B, L // bs))
         t = t_block.repeat_interleave(bs, dim=1)  # [B, L]
         eps = noise.normal(z0.shape).to(z0.dtype)
         zt = (1 - t[..., None]) * z0 + t[..., None] * eps
         x = torch.cat([z0.detach(), zt], dim=1)
         tt = torch.cat([torch.zeros_like(t_block), t_block], dim=1)  # per block: [B, 2L/bs]
-        drop = None
-        if self.training and self.cfg.cfg_drop_prob > 0:
-            drop = noise.uniform((B,)) < self.cfg.cfg_drop_prob
-        mask = AttnMask("clean_noisy", L, bs, drop_history=drop)
+        mask = AttnMask("clean_noisy", L, bs, drop_history=self._drop_history(noise, B))
         pos = torch.arange(L, device=z0.device).repeat(2)  # noisy block b sits at clean block b's positions
         v = self(x, tt, pos, mask, keep_from=L)  # the clean half's outputs are never read
         return (v.float() - (eps - z0).float()).pow(2).mean()
 
+    def _drop_history(self, noise: Noise, B: int) -> torch.Tensor | None:
+        if self.training and self.cfg.cfg_drop_prob > 0:
+            return noise.uniform((B,)) < self.cfg.cfg_drop_prob
+        return None
+
+    def _release_recipe_loss(self, z0: torch.Tensor, noise: Noise) -> torch.Tensor:
+        """flow_matching_loss with per-sample block sizes and clean prompt parts inside blocks
+        (see DiTConfig); t is per position. The loss keeps the fixed denominator B*L*C (clean
+        positions add 0), so it stays a per-sample sum and equal however a batch is split."""
+        B, L, C = z0.shape
+        dev = z0.device
+        if self.cfg.random_block_size:
+            sizes = torch.tensor(self.block_sizes(), device=dev)
+            pick = (noise.uniform((B,)).to(dev) * len(sizes)).long().clamp_max(len(sizes) - 1)
+            blk = sizes[pick]
+            if L % int(blk.max()):
+                raise ValueError(f"sequence length {L} is not a multiple of the DiT block size {int(blk.max())}")
+        else:
+            blk = torch.full((B,), self.cfg.block_size, device=dev, dtype=torch.long)
+        idx = torch.arange(L, device=dev)[None, :]
+        t = self._draw_t(noise, (B, L)).gather(1, (idx // blk[:, None]).expand(B, L))  # one t per block
+        clean = torch.zeros(B, L, dtype=torch.bool, device=dev)
+        if self.cfg.prompt_in_block_prob > 0:
+            chosen = noise.uniform((B,)).to(dev) < self.cfg.prompt_in_block_prob
+            k = 1 + (noise.uniform((B,)).to(dev) * (blk - 1)).long()  # clean part of 1..size-1 positions
+            clean = chosen[:, None] & (blk[:, None] > 1) & (idx % blk[:, None] < k[:, None])
+            t = t.masked_fill(clean, 0.0)
+        eps = noise.normal(z0.shape).to(z0.dtype)
+        zt = (1 - t[..., None]) * z0 + t[..., None] * eps
+        zt = torch.where(clean[..., None], z0.detach(), zt)  # a prompt is given, as the clean half is
+        x = torch.cat([z0.detach(), zt], dim=1)
+        tt = torch.cat([torch.zeros_like(t), t], dim=1)  # per position: [B, 2L]
+        block = blk if self.cfg.random_block_size else self.cfg.block_size
+        mask = AttnMask("clean_noisy", L, block, drop_history=self._drop_history(noise, B))
+        v = self(x, tt, torch.arange(L, device=dev).repeat(2), mask, keep_from=L)
+        err = (v.float() - (eps - z0).float()).pow(2) * (~clean)[..., None]
+        return err.sum() / err.numel()
+
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample_block(self, cache: list[LayerCache] | None, start: int, batch: int, steps: int,
-                     guidance: float = 1.0, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
+                     guidance: float = 1.0, generator=None, device=None, dtype=torch.float32,
+                     prefix: torch.Tensor | None = None) -> torch.Tensor:
         """Integrate one block of latents from noise (t=1) to data (t=0) given the clean
         history in `cache` (positions < start). Guidance: v = v_u + w (v_c - v_u), where the
-        unconditional velocity sees no history (off when there is none)."""
+        unconditional velocity sees no history (off when there is none). `prefix` [B, r, C]:
+        the block's first r latents are given (a prompt ending inside the block; models trained
+        with prompt_in_block_prob): they stay clean at t = 0 and the rest is integrated."""
         bs = self.cfg.block_size
+        r = 0 if prefix is None else prefix.shape[1]
         pos = torch.arange(start, start + bs, device=device)
         x = torch.randn(batch, bs, self.latent_dim, generator=generator, device=device, dtype=dtype)
+        if r:
+            x[:, :r] = prefix.to(dtype)
         has_hist = cache is not None and len(cache[0]) > 0  # the block sees all its history: no mask
         ts = torch.linspace(1.0, 0.0, steps + 1, device=device)
         for i in range(steps):
             t = torch.full((batch, 1), float(ts[i]), device=device)  # one DiT block
+            if r:  # per position: the given part is clean
+                t = torch.cat([torch.zeros(batch, r, device=device), t.expand(batch, bs - r)], 1)
             v = self(x, t, pos, None, cache=cache if has_hist else None, commit=False)
             if has_hist and guidance != 1.0:
                 v_u = self(x, t, pos, None)
                 v = v_u + guidance * (v - v_u)
+            if r:
+                v[:, :r] = 0
             x = x + (ts[i + 1] - ts[i]) * v
         return x
 

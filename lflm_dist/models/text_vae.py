@@ -21,7 +21,7 @@ from lflm_dist.models.noise import Noise
 class TextEncoder(nn.Module):
     def __init__(self, cfg: VAEConfig, vocab_size: int):
         super().__init__()
-        self.block_size = cfg.block_size
+        self.block_size, self.min_std = cfg.block_size, cfg.min_std
         # One extra row: the [MASK] embedding of the BERT-style masked-token loss.
         self.embed = nn.Embedding(vocab_size + 1, cfg.encoder.dim)
         self.net = Transformer(cfg.encoder)
@@ -33,7 +33,10 @@ class TextEncoder(nn.Module):
         pos = torch.arange(T, device=tokens.device)
         h = self.net(self.embed(tokens), pos, AttnMask("block_causal", T, self.block_size))
         mean, logvar = self.to_latent(h).chunk(2, dim=-1)
-        return mean, logvar.clamp(-20.0, 10.0)
+        logvar = logvar.clamp(-20.0, 10.0)
+        if self.min_std > 0:  # var = min_std^2 + exp(logvar): a smooth floor, gradients everywhere
+            logvar = torch.logaddexp(logvar, torch.full_like(logvar, 2 * math.log(self.min_std)))
+        return mean, logvar
 
 
 class TextDecoder(nn.Module):
