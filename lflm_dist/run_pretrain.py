@@ -8,6 +8,7 @@ from lflm_dist.data.loader import eval_batches
 from lflm_dist.data.shards import ShardError
 from lflm_dist.generate import can_sample, generate_text, reconstruct_text
 from lflm_dist.parallel import unwrap
+from lflm_dist.train import preemption
 from lflm_dist.train.dist import barrier, destroy
 from lflm_dist.train.trainer import NonFiniteLossError, Trainer
 
@@ -17,6 +18,14 @@ def main(config_path: str, overrides: list[str]) -> int:
         cfg = load_config(config_path, overrides)
         trainer = Trainer(cfg)
         final = trainer.fit()
+    except preemption.Preempted as e:  # checkpoint complete on every rank (save ends in a barrier)
+        if trainer.d.is_main:
+            print(f"[preempt] signal {preemption.SIGNAL.name}: stopped after step {e.step}, checkpoint {e.checkpoint}",
+                  flush=True)
+            preemption.requeue()
+        barrier()  # others exit after the requeue, so srun --kill-on-bad-exit cannot cut it short
+        destroy()
+        return preemption.EXIT_CODE  # the batch script must not start the next stage
     except (ValueError, FileNotFoundError, ShardError, NonFiniteLossError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         destroy()

@@ -10,6 +10,8 @@ Layout of `<run.dir>/checkpoints/step_XXXXXXXX/`, by strategy (trainer.json "for
   rng_rank{R}.pt        each rank's RNG states (torch, numpy, python)
 A checkpoint is written into `.tmp-step_X` and renamed when complete, so a crash while
 saving never leaves a half checkpoint that resume would pick up.
+`<run.dir>/DONE` (JSON {"step": N}) is written after the final evaluation: the run reached
+train.max_steps. Batch scripts skip a stage whose run dir has it (slurm/stages.sh).
 """
 from __future__ import annotations
 
@@ -31,6 +33,17 @@ _STEP_RE = re.compile(r"^step_(\d{8})$")
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+DONE = "DONE"
+
+
+def mark_done(run_dir: str | Path, step: int) -> None:
+    (Path(run_dir) / DONE).write_text(json.dumps({"step": step}) + "\n")
+
+
+def clear_done(run_dir: str | Path) -> None:
+    (Path(run_dir) / DONE).unlink(missing_ok=True)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +31,8 @@ def init_distributed(backend: str = "auto", force: bool = False) -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    # modulo: where SLURM binds one GPU per task (--gpus-per-task=1), each task sees only its own as cuda:0
+    device = torch.device("cuda", local % torch.cuda.device_count()) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if force and world == 1 and not dist.is_initialized() and "MASTER_ADDR" not in os.environ:
@@ -53,8 +56,28 @@ def _from_slurm() -> None:
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+    # every task must name the same rendezvous host: the allocation's first node (slurm/*.sh export
+    # it; this is the fallback for a bare srun). SLURM_LAUNCH_NODE_IPADDR is wrong for an srun
+    # started from a login node, and differs between tasks on no node.
+    os.environ.setdefault("MASTER_ADDR", first_slurm_host() or "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
+
+
+def first_slurm_host(nodelist: str | None = None) -> str | None:
+    """First host of SLURM_JOB_NODELIST: `scontrol show hostnames` when it is on PATH, else
+    the first name of the compressed list (`gpu[003-010,12],cpu1` -> gpu003)."""
+    nodelist = nodelist if nodelist is not None else os.environ.get("SLURM_JOB_NODELIST", "")
+    if not nodelist:
+        return None
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    m = re.match(r"([^,\[]+)(?:\[([^,\]-]+))?", nodelist)
+    return m.group(1) + (m.group(2) or "") if m else None
 
 
 def barrier() -> None:

@@ -29,6 +29,7 @@ from lflm_dist.train.dist import DistInfo, all_reduce_mean, barrier, init_distri
 from lflm_dist.train.host_memory import retain_freed_memory
 from lflm_dist.train.logging import MetricsLogger
 from lflm_dist.train.optim import lr_at
+from lflm_dist.train.preemption import Preempted, PreemptionFlag
 
 EVAL_SEED = 0x5EED
 
@@ -80,6 +81,7 @@ class Trainer:
     def __init__(self, cfg: Config, dist_info: DistInfo | None = None):
         self.cfg = cfg
         self.d = dist_info or init_distributed(cfg.parallel.backend, force=needs_process_group(cfg.parallel))
+        self.preemption = PreemptionFlag(self.d.device)  # SIGUSR2 handler, before the slow model build
         if self.d.device.type == "cpu":
             retain_freed_memory()  # reuse freed activations instead of page-faulting fresh ones each step
             if self.d.world_size > 1:
@@ -238,11 +240,14 @@ class Trainer:
 
     def fit(self, stop_at: int | None = None) -> dict[str, float]:
         """Train to train.max_steps (or return early after `stop_at` steps, as a crash would:
-        no extra checkpoint, no final evaluation), then evaluate on the validation split."""
+        no extra checkpoint, no final evaluation), then evaluate on the validation split and
+        mark the run dir DONE. On a preemption signal: checkpoint, then raise `Preempted`."""
         cfg, t = self.cfg, self.cfg.train
         if self.d.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+            if self.step < t.max_steps:
+                ckpt.clear_done(self.run_dir)  # a raised max_steps makes a finished run unfinished
             shutil.copyfile(Path(cfg.data.path) / "tokenizer.json", self.run_dir / "tokenizer.json")
         barrier()
         logger = MetricsLogger(cfg, self.run_dir, self.d.is_main, resume_step=self.step,
@@ -275,8 +280,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{out['loss']:.4f}", tok_s=f"{out['tokens_per_s']:.0f}")
                 if t.eval_every and self.step % t.eval_every == 0:
                     logger.log({"step": self.step, **{f"valid/{k}": v for k, v in self.evaluate(t.eval_batches).items()}})
-                if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
-                    self.save()
+                preempted = self.preemption.requested()  # collective: every rank stops at this step
+                if preempted or self.step % t.ckpt_every == 0 or self.step == t.max_steps:
+                    saved = self.save()
+                if preempted:
+                    logger.close()
+                    raise Preempted(self.step, saved)
                 if stop_at is not None and self.step >= stop_at:
                     logger.close()
                     return {}
@@ -285,4 +294,6 @@ class Trainer:
         final = self.evaluate(t.eval_batches)
         logger.log({"step": self.step, **{f"valid/{k}": v for k, v in final.items()}})
         logger.close()
+        if self.d.is_main:
+            ckpt.mark_done(self.run_dir, self.step)
         return final
