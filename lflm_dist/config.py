@@ -250,11 +250,17 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
 # ----------------------------------------------------------------------------- loading
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
     """Build a Config from a YAML file (optional) plus `dotted.key=value` overrides."""
+    return from_dict(Config, read_raw(path, overrides, "config file"), "").validate()
+
+
+def read_raw(path: str | Path | None, overrides: list[str] | tuple, what: str) -> dict:
+    """A YAML mapping (optional file) with `dotted.key=value` overrides applied, values parsed as
+    YAML; shared by training configs and sweep configs (lflm_dist.sweeps.config)."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(f"{what} not found: {path}")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
@@ -265,19 +271,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like dotted.key=value")
         key, value = item.split("=", 1)
-        _set_raw(raw, key.strip(), yaml.safe_load(value) if value != "" else "")
-    return from_dict(Config, raw, "").validate()
+        set_dotted(raw, key.strip(), yaml.safe_load(value) if value != "" else "")
+    return raw
 
 
-def _set_raw(raw: dict, dotted: str, value: Any) -> None:
+def set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    """Set raw[a][b]... = value; a number indexes a list (budgets.0.flops=1e18)."""
+    node: Any = raw
     parts = dotted.split(".")
-    node = raw
-    for p in parts[:-1]:
-        nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"cannot set {dotted}: {p} is not a section")
-        node = nxt
-    node[parts[-1]] = value
+    for i, p in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not p.isdigit() or int(p) >= len(node):
+                raise ConfigError(f"cannot set {dotted}: {'.'.join(parts[:i]) or '<top>'} is a list of {len(node)}, "
+                                  f"{p!r} is not an index in it")
+            if last:
+                node[int(p)] = value
+            else:
+                node = node[int(p)]
+        elif isinstance(node, dict):
+            if last:
+                node[p] = value
+            else:
+                node = node.setdefault(p, {})
+        else:
+            raise ConfigError(f"cannot set {dotted}: {'.'.join(parts[:i])} is not a section")
 
 
 def from_dict(cls: type, raw: Any, prefix: str) -> Any:

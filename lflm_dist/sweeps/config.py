@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from lflm_dist.config import ConfigError, _coerce
+from lflm_dist.config import ConfigError, _coerce, read_raw
 from lflm_dist.eval.likelihood import BoundSettings
 
 
@@ -129,43 +129,7 @@ class SweepConfig:
 
 def load_sweep_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> SweepConfig:
     """SweepConfig from a YAML file plus `dotted.key=value` overrides (values parsed as YAML)."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"sweep config not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like dotted.key=value")
-        key, value = item.split("=", 1)
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value != "" else "")
-    return build(SweepConfig, raw, "").validate()
-
-
-def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
-    """Set raw[a][b]... = value; a number indexes a list (budgets.0.flops=1e18)."""
-    node: Any = raw
-    parts = dotted.split(".")
-    for i, p in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            if not p.isdigit() or int(p) >= len(node):
-                raise ConfigError(f"cannot set {dotted}: {'.'.join(parts[:i]) or '<top>'} is a list of {len(node)}, "
-                                  f"{p!r} is not an index in it")
-            if last:
-                node[int(p)] = value
-            else:
-                node = node[int(p)]
-        elif isinstance(node, dict):
-            if last:
-                node[p] = value
-            else:
-                node = node.setdefault(p, {})
-        else:
-            raise ConfigError(f"cannot set {dotted}: {'.'.join(parts[:i])} is not a section")
+    return build(SweepConfig, read_raw(path, overrides, "sweep config"), "").validate()
 
 
 def build(tp: Any, raw: Any, dotted: str) -> Any:
