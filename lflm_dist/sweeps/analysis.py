@@ -66,6 +66,7 @@ def fit_family(name: str, runs: list[dict], bootstrap: int, seed: int) -> Family
         m = fit.isoflop_minimum(budget, [r["params"] for r in rs], [r["tokens"] for r in rs], [r["loss"] for r in rs])
         f.minima.append(m)
         f.flags += [f"IsoFLOP C={budget:.3g}: {x}" for x in m.flags]
+    f.flags += rising_with_compute(f.runs)
     ok = [m for m in f.minima if m.ok]
     f.n_opt = fit.power_law([m.budget for m in ok], [m.n_opt for m in ok])
     f.d_opt = fit.power_law([m.budget for m in ok], [m.d_opt for m in ok])
@@ -80,6 +81,21 @@ def fit_family(name: str, runs: list[dict], bootstrap: int, seed: int) -> Family
     else:
         f.flags.append(f"L(N, D): {len(f.runs)} runs, fewer than its 5 parameters: not fitted")
     return f
+
+
+def rising_with_compute(runs: list[dict]) -> list[str]:
+    """Sizes whose held-out loss is higher at a larger budget: the runs are outside the regime the
+    fitted laws assume (for an upper bound, its gap can grow as training goes on)."""
+    flags = []
+    for size in sorted({r["size"] for r in runs}):
+        rs = sorted((r for r in runs if r["size"] == size), key=lambda r: r["budget"])
+        worse = [(a, b) for a, b in zip(rs, rs[1:]) if b["loss"] > a["loss"]]
+        if worse:
+            flags.append(f"size {size}: held-out BPC rises with compute ("
+                         + ", ".join(f"{a['loss']:.3f} at C={a['budget']:.2g} -> {b['loss']:.3f} at C={b['budget']:.2g}"
+                                     for a, b in worse)
+                         + "); the fits assume it falls (a bound's gap to the true NLL can grow with training)")
+    return flags
 
 
 def c_grid(fams: list[FamilyFit]) -> np.ndarray:

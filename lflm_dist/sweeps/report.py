@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -52,6 +53,8 @@ def _panels(n: int, w: float = 5.0, h: float = 3.8):
 
 
 def _save(fig, path: Path) -> Path:
+    for ax in fig.axes:  # log axes spanning under a decade label minor ticks too, over each other
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
