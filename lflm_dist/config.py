@@ -298,8 +298,9 @@ def set_dotted(raw: dict, dotted: str, value: Any) -> None:
             raise ConfigError(f"cannot set {dotted}: {'.'.join(parts[:i])} is not a section")
 
 
-def from_dict(cls: type, raw: Any, prefix: str) -> Any:
-    """Recursively build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+def from_dict(cls: type, raw: Any, prefix: str, what: str = "config") -> Any:
+    """Recursively build dataclass `cls` from a mapping, rejecting unknown keys and wrong types
+    (`what` names the kind of file in errors: training or sweep config)."""
     where = prefix or "<top level>"
     if raw is None:
         raw = {}
@@ -313,14 +314,14 @@ def from_dict(cls: type, raw: Any, prefix: str) -> Any:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
-            raise ConfigError(f"unknown config key {dotted}{hint}; known keys here: {', '.join(names)}")
-        kwargs[key] = _coerce(hints[key], value, dotted)
+            raise ConfigError(f"unknown {what} key {dotted}{hint}; known keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(hints[key], value, dotted, what)
     return cls(**kwargs)
 
 
-def _coerce(tp: Any, value: Any, dotted: str) -> Any:
+def _coerce(tp: Any, value: Any, dotted: str, what: str = "config") -> Any:
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, dotted)
+        return from_dict(tp, value, dotted, what)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -328,14 +329,21 @@ def _coerce(tp: Any, value: Any, dotted: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. a size name or an #SBATCH value written as a number
     if tp in (int, float, str, bool):
         if type(value) is not tp:
             raise ConfigError(f"{dotted} must be {tp.__name__}, got {type(value).__name__} {value!r}")
         return value
-    if tp is list or typing.get_origin(tp) is list:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is list or origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{dotted} must be a list, got {type(value).__name__} {value!r}")
-        return value
+        return [_coerce(args[0], v, f"{dotted}.{i}", what) for i, v in enumerate(value)] if args else value
+    if origin is dict and args:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{dotted} must be a mapping, got {type(value).__name__} {value!r}")
+        return {str(k): _coerce(args[1], v, f"{dotted}.{k}", what) for k, v in value.items()}
     return value
 
 

@@ -60,59 +60,54 @@ class BlockCausalDiT(nn.Module):
         """Clean-history + noisy-block layout: run `[sg(z0) | z_t]` (length 2L) once under
         `clean_noisy_mask`; noisy block b has its own t and sees clean blocks < b. The loss
         (MSE to eps - z0) is on the noisy half. With probability cfg_drop_prob a sequence
-        loses its clean history, which trains the unconditional velocity for guidance."""
-        if self.cfg.random_block_size or self.cfg.prompt_in_block_prob > 0:
-            return self._release_recipe_loss(z0, noise)
+        loses its clean history, which trains the unconditional velocity for guidance. Given
+        (clean) positions of the release's recipe add 0 to the loss, whose denominator stays
+        B*L*C, so it is a per-sample sum and equal however a batch is split."""
         B, L, C = z0.shape
-        bs = self.cfg.block_size
-        t_block = self._draw_t(noise, (B, L // bs))
-        t = t_block.repeat_interleave(bs, dim=1)  # [B, L]
+        block, t, t_cond, given = self._draw_layout(noise, B, L, z0.device)
         eps = noise.normal(z0.shape).to(z0.dtype)
         zt = (1 - t[..., None]) * z0 + t[..., None] * eps
+        if given is not None:
+            zt = torch.where(given[..., None], z0.detach(), zt)  # a prompt is given, as the clean half is
         x = torch.cat([z0.detach(), zt], dim=1)
-        tt = torch.cat([torch.zeros_like(t_block), t_block], dim=1)  # per block: [B, 2L/bs]
-        mask = AttnMask("clean_noisy", L, bs, drop_history=self._drop_history(noise, B))
+        tt = torch.cat([torch.zeros_like(t_cond), t_cond], dim=1)  # [B, 2 * t_cond.shape[1]]
+        mask = AttnMask("clean_noisy", L, block, drop_history=self._drop_history(noise, B))
         pos = torch.arange(L, device=z0.device).repeat(2)  # noisy block b sits at clean block b's positions
         v = self(x, tt, pos, mask, keep_from=L)  # the clean half's outputs are never read
-        return (v.float() - (eps - z0).float()).pow(2).mean()
+        err = (v.float() - (eps - z0).float()).pow(2)
+        if given is not None:
+            err = err * (~given)[..., None]
+        return err.sum() / err.numel()
+
+    def _draw_layout(self, noise: Noise, B: int, L: int, dev):
+        """(block size: int or per-sample [B], t per position [B, L], the DiT's conditioning t
+        (per block when every sample has the configured block size, else per position), the
+        given positions [B, L] or None)."""
+        bs = self.cfg.block_size
+        if not (self.cfg.random_block_size or self.cfg.prompt_in_block_prob > 0):
+            t_block = self._draw_t(noise, (B, L // bs))
+            return bs, t_block.repeat_interleave(bs, dim=1), t_block, None
+        if self.cfg.random_block_size:
+            sizes = torch.tensor(self.block_sizes(), device=dev)
+            blk = sizes[(noise.uniform((B,)).to(dev) * len(sizes)).long().clamp_max(len(sizes) - 1)]
+            if L % int(blk.max()):
+                raise ValueError(f"sequence length {L} is not a multiple of the DiT block size {int(blk.max())}")
+        else:
+            blk = torch.full((B,), bs, device=dev, dtype=torch.long)
+        idx = torch.arange(L, device=dev)[None, :]
+        t = self._draw_t(noise, (B, L)).gather(1, (idx // blk[:, None]).expand(B, L))  # one t per block
+        given = torch.zeros(B, L, dtype=torch.bool, device=dev)
+        if self.cfg.prompt_in_block_prob > 0:
+            chosen = noise.uniform((B,)).to(dev) < self.cfg.prompt_in_block_prob
+            k = 1 + (noise.uniform((B,)).to(dev) * (blk - 1)).long()  # given part of 1..size-1 positions
+            given = chosen[:, None] & (blk[:, None] > 1) & (idx % blk[:, None] < k[:, None])
+            t = t.masked_fill(given, 0.0)
+        return (blk if self.cfg.random_block_size else bs), t, t, given
 
     def _drop_history(self, noise: Noise, B: int) -> torch.Tensor | None:
         if self.training and self.cfg.cfg_drop_prob > 0:
             return noise.uniform((B,)) < self.cfg.cfg_drop_prob
         return None
-
-    def _release_recipe_loss(self, z0: torch.Tensor, noise: Noise) -> torch.Tensor:
-        """flow_matching_loss with per-sample block sizes and clean prompt parts inside blocks
-        (see DiTConfig); t is per position. The loss keeps the fixed denominator B*L*C (clean
-        positions add 0), so it stays a per-sample sum and equal however a batch is split."""
-        B, L, C = z0.shape
-        dev = z0.device
-        if self.cfg.random_block_size:
-            sizes = torch.tensor(self.block_sizes(), device=dev)
-            pick = (noise.uniform((B,)).to(dev) * len(sizes)).long().clamp_max(len(sizes) - 1)
-            blk = sizes[pick]
-            if L % int(blk.max()):
-                raise ValueError(f"sequence length {L} is not a multiple of the DiT block size {int(blk.max())}")
-        else:
-            blk = torch.full((B,), self.cfg.block_size, device=dev, dtype=torch.long)
-        idx = torch.arange(L, device=dev)[None, :]
-        t = self._draw_t(noise, (B, L)).gather(1, (idx // blk[:, None]).expand(B, L))  # one t per block
-        clean = torch.zeros(B, L, dtype=torch.bool, device=dev)
-        if self.cfg.prompt_in_block_prob > 0:
-            chosen = noise.uniform((B,)).to(dev) < self.cfg.prompt_in_block_prob
-            k = 1 + (noise.uniform((B,)).to(dev) * (blk - 1)).long()  # clean part of 1..size-1 positions
-            clean = chosen[:, None] & (blk[:, None] > 1) & (idx % blk[:, None] < k[:, None])
-            t = t.masked_fill(clean, 0.0)
-        eps = noise.normal(z0.shape).to(z0.dtype)
-        zt = (1 - t[..., None]) * z0 + t[..., None] * eps
-        zt = torch.where(clean[..., None], z0.detach(), zt)  # a prompt is given, as the clean half is
-        x = torch.cat([z0.detach(), zt], dim=1)
-        tt = torch.cat([torch.zeros_like(t), t], dim=1)  # per position: [B, 2L]
-        block = blk if self.cfg.random_block_size else self.cfg.block_size
-        mask = AttnMask("clean_noisy", L, block, drop_history=self._drop_history(noise, B))
-        v = self(x, tt, torch.arange(L, device=dev).repeat(2), mask, keep_from=L)
-        err = (v.float() - (eps - z0).float()).pow(2) * (~clean)[..., None]
-        return err.sum() / err.numel()
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()

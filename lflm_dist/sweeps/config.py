@@ -8,14 +8,12 @@ every stage's config) and the compute budgets in FLOPs. Nothing here knows a fam
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from lflm_dist.config import ConfigError, _coerce, read_raw
+from lflm_dist.config import ConfigError, from_dict, read_raw
 from lflm_dist.eval.likelihood import BoundSettings
 
 
@@ -129,39 +127,7 @@ class SweepConfig:
 
 def load_sweep_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> SweepConfig:
     """SweepConfig from a YAML file plus `dotted.key=value` overrides (values parsed as YAML)."""
-    return build(SweepConfig, read_raw(path, overrides, "sweep config"), "").validate()
-
-
-def build(tp: Any, raw: Any, dotted: str) -> Any:
-    """Value of type `tp` from parsed YAML: dataclasses (unknown keys rejected), list[T] and
-    dict[str, T] element by element; scalars checked by lflm_dist.config."""
-    where = dotted or "<top level>"
-    if dataclasses.is_dataclass(tp):
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__} {raw!r}")
-        hints = typing.get_type_hints(tp)
-        names = [f.name for f in dataclasses.fields(tp)]
-        kwargs = {}
-        for key, value in raw.items():
-            sub = f"{dotted}.{key}" if dotted else str(key)
-            if key not in names:
-                raise ConfigError(f"unknown sweep config key {sub}; known keys here: {', '.join(names)}")
-            kwargs[key] = build(hints[key], value, sub)
-        return tp(**kwargs)
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is list:
-        if not isinstance(raw, list):
-            raise ConfigError(f"{where} must be a list, got {type(raw).__name__} {raw!r}")
-        return [build(args[0], v, f"{dotted}.{i}") for i, v in enumerate(raw)]
-    if origin is dict:
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__} {raw!r}")
-        return {str(k): build(args[1], v, f"{dotted}.{k}") for k, v in raw.items()}
-    if tp is str and isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        return str(raw)  # e.g. a size name or an #SBATCH value written as a number
-    return _coerce(tp, raw, dotted)
+    return from_dict(SweepConfig, read_raw(path, overrides, "sweep config"), "", "sweep config").validate()
 
 
 def to_yaml(cfg: SweepConfig) -> str:
