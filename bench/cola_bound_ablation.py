@@ -90,11 +90,10 @@ def train(config: str, run_dir: Path, overrides: dict, steps: int, log: Path, th
 
 @torch.no_grad()
 def active_dims(model, windows: list[torch.Tensor]) -> int | None:
-    if not hasattr(model, "vae"):
+    means = [model.posterior_means(w) for w in windows]
+    if means[0] is None:  # a family without latents
         return None
-    means = torch.cat([model.vae.normalize(model.vae.encoder(w)[0]).reshape(-1, model.cfg.vae.latent_dim)
-                       for w in windows])
-    return int((means.var(0) > 0.01).sum())
+    return int((torch.cat(means).var(0) > 0.01).sum())
 
 
 def prompt_agreement(model, tok, prompts: list[list[int]], scfg, seed: int = 0) -> tuple[list[list[int]], float]:

@@ -166,7 +166,7 @@ def generation_main(argv: list[str]) -> int:
     from lflm_dist.generate import can_sample, load_run
     model, cfg, tok = load_run(a.run, a.device or _device_default())
     if not can_sample(model):
-        print("error: a stage-1 Cola run has no prior to sample from", file=sys.stderr)
+        print(f"error: {a.run}: {model.sampling_unavailable()}", file=sys.stderr)
         return 2
     s = dataclasses.replace(cfg.sample, **{k: v for k, v in {
         "max_new_tokens": a.max_new_tokens, "steps": a.steps, "guidance": a.guidance, "temperature": a.temperature,

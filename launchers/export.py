@@ -4,8 +4,9 @@ into plain safetensors loadable without the training stack:
 
     python launchers/export.py --run runs/cola_tiny --out exports/cola_tiny [--checkpoint DIR]
 
-writes vae.safetensors + dit.safetensors (Cola; the frozen reference encoder is dropped) or
-model.safetensors (AR), config.yaml and tokenizer.json. Load it with
+writes one safetensors file per part the model family names (`export_parts()`: Cola's
+vae.safetensors + dit.safetensors, without the frozen reference encoder; model.safetensors for
+the others), config.yaml and tokenizer.json. Load it with
 `lflm_dist.generate.load_exported(dir)` (or `load_run`, which accepts both). One process,
 no process group, CPU only."""
 from __future__ import annotations
@@ -31,14 +32,12 @@ def export(run: Path, out: Path, checkpoint: Path | None = None) -> Path:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
     meta = {"source": str(ck), "family": cfg.model.family}
-    if cfg.model.family == "cola":
-        for part in ("vae", "dit"):
-            sub = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
-            if sub:
-                save_file(sub, out / f"{part}.safetensors", metadata=meta)
-    else:
-        save_file(state, out / "model.safetensors", metadata=meta)
-    cfg.model.cola.ref_checkpoint = ""  # the export is self-contained
+    for part, prefix in model.export_parts().items():
+        save_file({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, out / f"{part}.safetensors",
+                  metadata=meta)
+    for section in (getattr(cfg.model, s) for s in vars(cfg.model)):
+        if hasattr(section, "ref_checkpoint"):
+            section.ref_checkpoint = ""  # the export is self-contained: no pretrained weights to load
     save_config(cfg, out / "config.yaml")
     shutil.copyfile(run / "tokenizer.json", out / "tokenizer.json")
     return out

@@ -1,9 +1,16 @@
 #!/usr/bin/env python
 """Generate text from a trained run: `python launchers/generate.py --run runs/cola_tiny --prompt "ROMEO."`.
 
-Cola DLM samples block by block (Euler steps of the DiT prior with classifier-free guidance,
-KV caches in the DiT and the decoder); the AR baseline decodes token by token with a KV cache.
-Sampling settings default to the run's `sample:` config section."""
+Each family samples its own way: Cola DLM block by block (Euler steps of the DiT prior with
+classifier-free guidance, KV caches in the DiT and the decoder); LFLM draws z ~ N(0, I), flows it
+through its ODE and decodes every position at once (a prompt selects z by importance resampling);
+the AR baseline decodes token by token with a KV cache. Sampling settings default to the run's
+`sample:` config section.
+
+Latent tools, for families with one latent per text (LFLM):
+  --reconstruct TEXT            greedy decode of the text's posterior mean (any latent family)
+  --interpolate A B [--points N] decodes along the path between the latents of texts A and B
+  --arithmetic A B C            decode of latent(A) - latent(B) + latent(C)"""
 from __future__ import annotations
 
 import argparse
@@ -29,15 +36,20 @@ def main() -> int:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    p.add_argument("--reconstruct", metavar="TEXT", default=None, help="reconstruct TEXT through the latent")
+    p.add_argument("--interpolate", nargs=2, metavar=("A", "B"), default=None, help="interpolate between two texts")
+    p.add_argument("--points", type=int, default=5, help="points of --interpolate, endpoints included")
+    p.add_argument("--arithmetic", nargs=3, metavar=("A", "B", "C"), default=None, help="decode z(A) - z(B) + z(C)")
     a = p.parse_args()
     try:
         model, cfg, tok = load_run(a.run, a.device)
     except (FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if a.reconstruct is not None or a.interpolate or a.arithmetic:
+        return latent_tools(model, tok, a)
     if not can_sample(model):
-        print(f"error: {a.run} is a stage-1 Cola run (VAE only, no prior to sample from); "
-              "train stage 2 (configs/cola_tiny.yaml) first", file=sys.stderr)
+        print(f"error: {a.run}: {model.sampling_unavailable()}", file=sys.stderr)
         return 2
     s = dataclasses.replace(cfg.sample, **{k: v for k, v in {
         "prompt": a.prompt, "num_samples": a.num_samples, "max_new_tokens": a.max_new_tokens, "steps": a.steps,
@@ -45,6 +57,31 @@ def main() -> int:
         if v is not None})
     for i, text in enumerate(generate_text(model, tok, [s.prompt] * s.num_samples, s, seed=a.seed)):
         print(f"--- sample {i} ---\n{s.prompt}{text}\n")
+    return 0
+
+
+def latent_tools(model, tok, a) -> int:
+    import torch
+    dev = next(model.parameters()).device
+
+    def ids(text: str) -> torch.Tensor:
+        return torch.tensor([tok.encode(text)], device=dev)
+
+    def show(toks: list[int]) -> str:
+        return tok.decode(toks).split(tok.decode([tok.eos_id]))[0]  # the end token ends the text
+
+    try:
+        if a.reconstruct is not None:
+            print(f"[in ] {a.reconstruct!r}\n[out] {show(model.reconstruct(ids(a.reconstruct))[0].tolist())!r}")
+        if a.interpolate:
+            for i, t in enumerate(model.interpolate(ids(a.interpolate[0]), ids(a.interpolate[1]), a.points)):
+                print(f"[{i / max(1, a.points - 1):.2f}] {show(t)!r}")
+        if a.arithmetic:
+            x, y, z = a.arithmetic
+            print(f"z({x!r}) - z({y!r}) + z({z!r}) -> {show(model.latent_arithmetic(ids(x), ids(y), ids(z))[0])!r}")
+    except NotImplementedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

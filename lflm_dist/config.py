@@ -101,8 +101,31 @@ class ARConfig:
 
 
 @dataclass
+class LFLMConfig:
+    """LFLM: BiLSTM + attention-pooling encoder -> z(0) ~ q(z0|x); neural ODE dz/dt = f(z, t) from
+    t = 0 to 1; a non-autoregressive transformer decoder reads z(1) and emits every position at once."""
+    embed_dim: int = 128
+    encoder_hidden: int = 128  # LSTM hidden size per direction
+    encoder_layers: int = 1
+    latent_dim: int = 32
+    ode_hidden: int = 128  # width of the MLP f_theta(z, t)
+    ode_layers: int = 2  # hidden layers of f_theta
+    ode_method: str = "rk4"  # torchdiffeq solver: rk4 | euler | midpoint (fixed step) | dopri5 (adaptive)
+    ode_steps: int = 4  # steps of a fixed-step solver
+    rtol: float = 1e-5  # adaptive solvers
+    atol: float = 1e-5
+    adjoint: bool = False  # torchdiffeq.odeint_adjoint: O(1) memory in the solver steps, one more solve in backward
+    decoder: TransformerConfig = field(default_factory=TransformerConfig)
+    latent_tokens: int = 4  # z(1) -> this many prefix tokens every position attends to (plus added to each position)
+    beta: float = 1.0  # KL weight after annealing
+    beta_schedule: str = "linear"  # constant | linear (0 -> beta over beta_steps) | cyclical (period beta_steps)
+    beta_steps: int = 1000
+    free_bits: float = 0.0  # nats per latent dim: KL of a dim below this (batch mean) is not penalised
+
+
+@dataclass
 class ModelConfig:
-    family: str = "cola"  # cola | ar
+    family: str = "cola"  # a registered family: cola | ar | lflm (lflm_dist.models.registry)
     vocab_size: int = 0  # 0: taken from the tokenizer
     seq_len: int = 64
     # attention kernels: auto (SDPA is_causal for causal masks; FlexAttention with a BlockMask for
@@ -112,6 +135,7 @@ class ModelConfig:
     dit: DiTConfig = field(default_factory=DiTConfig)
     cola: ColaConfig = field(default_factory=ColaConfig)
     ar: ARConfig = field(default_factory=ARConfig)
+    lflm: LFLMConfig = field(default_factory=LFLMConfig)
 
 
 @dataclass
@@ -174,8 +198,8 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def validate(self) -> "Config":
-        _choice("model.family", self.model.family, ("cola", "ar"))
-        _choice("model.cola.stage", self.model.cola.stage, (1, 2))
+        from lflm_dist.models.registry import family_class  # models import this module
+        family = family_class(self.model.family)  # an unknown family lists the registered ones
         _choice("model.attention", self.model.attention, ("auto", "flex", "sdpa", "dense"))
         _choice("parallel.strategy", self.parallel.strategy, ("ddp", "fsdp2", "deepspeed"))
         self._validate_parallel()
@@ -183,31 +207,11 @@ class Config:
         _choice("train.precision", self.train.precision, ("auto", "fp32", "bf16"))
         _choice("run.wandb_mode", self.run.wandb_mode, ("offline", "online", "disabled"))
         for key in ("train.max_steps", "train.global_batch_size", "train.grad_accum", "train.ckpt_every",
-                    "model.seq_len", "model.vae.block_size", "model.dit.block_size"):
+                    "model.seq_len"):
             if get_dotted(self, key) <= 0:
                 raise ConfigError(f"{key} must be > 0, got {get_dotted(self, key)}")
-        if self.model.seq_len % self.model.vae.block_size:
-            raise ConfigError(f"model.seq_len ({self.model.seq_len}) must be a multiple of "
-                              f"model.vae.block_size ({self.model.vae.block_size})")
-        if self.model.seq_len % self.model.dit.block_size:
-            raise ConfigError(f"model.seq_len ({self.model.seq_len}) must be a multiple of "
-                              f"model.dit.block_size ({self.model.dit.block_size})")
-        if self.model.dit.block_size % self.model.vae.block_size:
-            raise ConfigError(f"model.dit.block_size ({self.model.dit.block_size}) must be a multiple of "
-                              f"model.vae.block_size ({self.model.vae.block_size}) so a generated latent "
-                              "block decodes on its own")
-        c = self.model.cola
-        _choice("model.cola.latent_stats", c.latent_stats, ("stage1", "track", "identity"))
-        if c.stage == 2 and c.lambda_ref > 0 and not c.ref_checkpoint:
-            raise ConfigError("model.cola.ref_checkpoint is required in stage 2 when model.cola.lambda_ref > 0 "
-                              "(point it at a stage-1 run dir), or set model.cola.lambda_ref=0")
-        if c.stage == 2 and c.latent_stats == "stage1" and not c.ref_checkpoint:
-            raise ConfigError("model.cola.ref_checkpoint is required in stage 2 with model.cola.latent_stats=stage1: "
-                              "the stage-1 run's latent statistics normalise the prior's input. Point it at a "
-                              "stage-1 run dir, or set model.cola.latent_stats=track (estimate them during this run) "
-                              "or identity (shift 0, scale 1)")
+        family.validate_config(self)  # the family's own sections
         return self
-
 
     def _validate_parallel(self) -> None:
         p = self.parallel
@@ -229,14 +233,6 @@ class Config:
             raise ConfigError(f"parallel.ds_config: file not found: {p.ds_config}")
         if p.tp > 1:
             m = self.model
-            nets = ([("model.ar.net", m.ar.net)] if m.family == "ar" else
-                    [("model.vae.encoder", m.vae.encoder), ("model.vae.decoder", m.vae.decoder)]
-                    + ([("model.dit.net", m.dit.net)] if m.cola.stage == 2 else []))
-            for name, net in nets:
-                hidden = int(-(-net.ffn_mult * net.dim // 8) * 8)
-                if net.n_heads % p.tp or hidden % p.tp:
-                    raise ConfigError(f"parallel.tp={p.tp} must divide {name}.n_heads ({net.n_heads}) and its "
-                                      f"SwiGLU hidden size ({hidden})")
             if m.vocab_size and m.vocab_size % p.tp:  # 0: from the tokenizer, checked again when TP is applied
                 raise ConfigError(f"parallel.tp={p.tp} must divide model.vocab_size ({m.vocab_size}): the "
                                   "embeddings, vocabulary heads and cross-entropy are vocab-parallel")

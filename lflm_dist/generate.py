@@ -29,7 +29,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[t
 def is_exported(path: str | Path) -> bool:
     """A dir written by launchers/export.py (plain safetensors, no checkpoints/)."""
     p = Path(path)
-    return (p / "config.yaml").is_file() and any((p / f).is_file() for f in ("vae.safetensors", "model.safetensors"))
+    return (p / "config.yaml").is_file() and not (p / "checkpoints").is_dir() and any(p.glob("*.safetensors"))
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, Tokenizer]:
@@ -40,19 +40,20 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
     cfg = load_config(p / "config.yaml")
     tok = Tokenizer.load(p / "tokenizer.json")
     model = build_model(cfg.model, init_pretrained=False)
-    if (p / "model.safetensors").is_file():
-        state = load_file(str(p / "model.safetensors"))
-    else:
-        state = {f"{part}.{k}": v for part in ("vae", "dit") if (p / f"{part}.safetensors").is_file()
-                 for k, v in load_file(str(p / f"{part}.safetensors")).items()}
-    # the frozen stage-2 reference encoder is not exported: keep the freshly built one
-    state = {**{k: v for k, v in model.state_dict().items() if k.startswith("ref_encoder.")}, **state}
+    parts = model.export_parts()
+    missing = [f"{part}.safetensors" for part in parts if not (p / f"{part}.safetensors").is_file()]
+    if missing:
+        raise FileNotFoundError(f"exported dir {p} lacks {missing}: export it again with launchers/export.py")
+    state = {prefix + k: v for part, prefix in parts.items() for k, v in load_file(str(p / f"{part}.safetensors")).items()}
+    # what no part holds (Cola's frozen stage-2 reference encoder) is not exported: keep the fresh build
+    state = {**{k: v for k, v in model.state_dict().items() if not any(k.startswith(x) for x in parts.values())},
+             **state}
     load_state_into(model, state, f"exported dir {p} (weights vs its config.yaml)")
     return model.to(device).eval(), cfg, tok
 
 
 def can_sample(model) -> bool:
-    return getattr(model, "dit", True) is not None
+    return model.sampling_unavailable() is None
 
 
 def generate_text(model, tok: Tokenizer, prompts: list[str], scfg: SampleConfig, seed: int = 0) -> list[str]:
@@ -64,6 +65,6 @@ def generate_text(model, tok: Tokenizer, prompts: list[str], scfg: SampleConfig,
 
 
 def reconstruct_text(model, tok: Tokenizer, batch: torch.Tensor) -> list[tuple[str, str]]:
-    """(original, reconstruction) pairs for a Cola VAE: what stage 1 can show."""
+    """(original, reconstruction) pairs of a latent family: what a model that cannot sample shows."""
     rec = model.reconstruct(batch.to(next(model.parameters()).device))
     return [(tok.decode(a.tolist()), tok.decode(b.tolist())) for a, b in zip(batch, rec)]

@@ -50,6 +50,7 @@ def report_samples(trainer: Trainer, model=None) -> None:
             print(f"\n--- sample {i} (prompt {s.prompt!r}, {s.steps} steps, guidance {s.guidance}) ---\n{s.prompt}{t}")
     else:
         batch = next(iter(eval_batches(trainer.valid_dir, batch_size=s.num_samples, seq_len=trainer.cfg.model.seq_len)))
+        print(f"\nno samples: {model.sampling_unavailable()}; reconstructions of validation text instead")
         for i, (orig, rec) in enumerate(reconstruct_text(model, tok, batch["input_ids"])):
-            print(f"\n--- reconstruction {i} (stage 1 has no prior to sample) ---\n[in ] {orig!r}\n[out] {rec!r}")
+            print(f"\n--- reconstruction {i} ---\n[in ] {orig!r}\n[out] {rec!r}")
     model.train()

@@ -48,3 +48,18 @@ def test_yaml_errors(tmp_path):
     bad.write_text("train:\n  nope: 1\n")
     with pytest.raises(ConfigError, match="train.nope"):
         load_config(bad)
+
+
+def test_unknown_family_lists_the_registered_ones():
+    with pytest.raises(ConfigError, match=r"model.family='lflm2' is not a registered model family; registered: "
+                                          r"ar, cola, lflm"):
+        load_config(None, ["model.family=lflm2"])
+
+
+def test_each_family_checks_only_its_own_section():
+    """Cola's block-size rules do not bind AR or LFLM, and each family's own checks name its keys."""
+    load_config(None, ["model.family=ar", "model.seq_len=30"])  # not a multiple of Cola's blocks
+    with pytest.raises(ConfigError, match="model.seq_len \\(30\\) must be a multiple of model.vae.block_size"):
+        load_config(None, ["model.family=cola", "model.seq_len=30"])
+    with pytest.raises(ConfigError, match="model.lflm.beta_schedule"):
+        load_config(None, ["model.family=lflm", "model.lflm.beta_schedule=sigmoid"])

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from lflm_dist.config import load_config
-from lflm_dist.eval.likelihood import (BoundSettings, ar_token_nll, bits_per_char, cnf_log_density, cola_bound_terms,
-                                       evaluate_likelihood, iwae_from_log_weights, load_eval_text, make_windows,
-                                       perplexity, ratio_stderr, word_perplexity)
+from lflm_dist.eval.likelihood import (BoundSettings, bits_per_char, evaluate_likelihood, iwae_from_log_weights,
+                                       load_eval_text, make_windows, perplexity, ratio_stderr, word_perplexity)
+from lflm_dist.models.cnf import cnf_log_density
+from lflm_dist.models.cola_bound import cola_bound_terms
+from lflm_dist.models.family import EvalLayout
 from lflm_dist.models.blocks import clean_noisy_mask
 from lflm_dist.models.registry import build_model
 
@@ -151,9 +153,9 @@ def test_stage1_bound_is_recon_plus_kl():
 
 def test_windows_cover_every_token_once_and_pad_cola_to_blocks():
     ids = list(range(37))
-    w = make_windows(ids, "cola", 16, 8, pad_id=99)
+    w = make_windows(ids, EvalLayout(window=16, block=8), pad_id=99)
     assert [n for _, n in w] == [16, 16, 5] and w[-1][0] == [32, 33, 34, 35, 36, 99, 99, 99]
-    w = make_windows(ids, "ar", 16, 1, pad_id=99)
+    w = make_windows(ids, EvalLayout(window=15, bos=True), pad_id=99)
     assert [n for _, n in w] == [15, 15, 7] and sum((x for x, _ in w), []) == ids
 
 
@@ -256,8 +258,8 @@ def test_ar_likelihood_is_exact_and_aggregated_by_tokens(ar_run):
     data = load_eval_text(PTB_VALID if PTB_VALID.is_file() else ROOT / "README.md", tok, max_chars=500)
     r = evaluate_likelihood(model, cfg, tok, data, batch_size=4)
     ids = data.docs[0]
-    direct = sum(float(ar_token_nll(model, torch.tensor([w[:n]]), tok.eos_id).sum())
-                 for w, n in make_windows(ids, "ar", cfg.model.seq_len, 1, tok.eos_id))
+    direct = sum(float(model.nll_bound(torch.tensor([[tok.eos_id] + w[:n]])).nll.sum())
+                 for w, n in make_windows(ids, model.eval_layout(), tok.eos_id))
     assert r["nll_total"] == pytest.approx(direct, rel=1e-5) and r["tokens"] == len(ids)
     assert r["kind"] == "exact" and not r["is_upper_bound"]
 
@@ -343,11 +345,14 @@ def test_lm_eval_command_line_with_lflm_model(ar_run, local_task, tmp_path):
 def test_iwae_with_hutchinson_is_labelled_an_estimate_not_a_bound():
     """log-mean-exp of noisy Hutchinson log-densities is biased low: only the exact trace makes
     the importance-weighted figure an upper bound; k = 1 stays an (unbiased estimate of a) bound."""
-    from lflm_dist.eval.likelihood import BoundSettings, likelihood_kind
-    assert likelihood_kind("cola", BoundSettings(iwae_k=4, trace="hutchinson")) == "iwae_estimate"
-    assert likelihood_kind("cola", BoundSettings(iwae_k=4, trace="exact")) == "iwae_bound"
-    assert likelihood_kind("cola", BoundSettings(iwae_k=1, trace="hutchinson")) == "elbo_bound"
-    assert likelihood_kind("ar", BoundSettings()) == "exact"
+    cola, _ = tiny_cola(stage=2)
+    assert cola.likelihood_kind(BoundSettings(iwae_k=4, trace="hutchinson")) == "iwae_estimate"
+    assert cola.likelihood_kind(BoundSettings(iwae_k=4, trace="exact")) == "iwae_bound"
+    assert cola.likelihood_kind(BoundSettings(iwae_k=1, trace="hutchinson")) == "elbo_bound"
+    # stage 1's prior N(0, I) has a closed-form density: no trace estimate, so a bound
+    assert tiny_cola(stage=1)[0].likelihood_kind(BoundSettings(iwae_k=4, trace="hutchinson")) == "iwae_bound"
+    ar = build_model(load_config(None, [f"model.vocab_size={V}", "model.family=ar"]).model)
+    assert ar.likelihood_kind(BoundSettings()) == "exact"
 
 
 def test_evaluate_reports_iwae_estimate_with_a_note(cola_run):
@@ -368,20 +373,19 @@ def test_cola_loglikelihood_shares_random_numbers_between_context_and_full(cola_
     draws the Monte Carlo standard error is reported."""
     import statistics
     from lflm_dist.eval.harness import LFLM
-    from lflm_dist.eval.likelihood import cola_bound_terms, draw_noise
     lm = LFLM(run=str(cola_run), device="cpu", draws=1, ode_method="euler", ode_steps=2)
     ctx, cont = lm._encode_pair("ROMEO: I will go to the town and see the king of", " Verona")
-    full, ctx_w = lm._cola_pair(ctx, cont)
-    assert ctx_w is not None and len(ctx_w[0]) >= 2 * len(full[0]) // 3
-    ft = torch.tensor([full[0]])
+    full, ctx_p = lm._pair(ctx, cont)
+    assert ctx_p and len(ctx_p) >= 2 * len(full) // 3
+    ft = torch.tensor([full])
     diffs, fulls = [], []
     for seed in range(24):
         lm.seed = seed
-        diffs.append(lm._cola_loglik(0, full, ctx_w))
-        noise = draw_noise((1, ft.shape[1], lm.cfg.model.vae.latent_dim), lm.settings, torch.Generator().manual_seed(seed))
-        fulls.append(float(cola_bound_terms(lm.model, ft, settings=lm.settings, noise=noise)["neg_elbo"][0]))
+        diffs.append(lm._loglik(0, ctx, cont)[0])
+        noise = lm.model.bound_noise(ft.shape[1], lm.settings, torch.Generator().manual_seed(seed))
+        fulls.append(float(lm.model.nll_bound(ft, settings=lm.settings, noise=noise).nll[0]))
     assert statistics.stdev(diffs) < 0.8 * statistics.stdev(fulls)
     assert lm.mc_stderr == []  # one draw: no spread to report
-    lm.settings.draws = 4
-    lm._cola_loglik(0, full, ctx_w)
+    lm.draws = 4
+    lm._loglik(0, ctx, cont)
     assert len(lm.mc_stderr) == 1 and lm.mc_stderr[0] > 0

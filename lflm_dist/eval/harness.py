@@ -1,17 +1,20 @@
 """lm-evaluation-harness adapter: `lm_eval --model lflm --model_args run=DIR ...` once this
-module is imported (it registers the class under the name "lflm").
+module is imported (it registers the class under the name "lflm"). It sees a model only through
+the family interface (lflm_dist.models.family).
 
-* `loglikelihood(context, continuation)`: AR: exact log p(continuation | context).
-  Cola DLM: −[B(context + continuation) − B(context)], B the NLL upper bound of
-  `lflm_dist.eval.likelihood` (−ELBO, or the IWAE bound with iwae_k > 1). The context is
-  left-padded with <|endoftext|> to whole DiT blocks (as the sampler pads prompts), so both
-  bounds share the same prefix layout; the difference is an estimate, not a bound. Both bounds
-  use the same random numbers (posterior noise and Hutchinson probes drawn once for the full
-  window, the context taking their prefix), so the context's own noise cancels rather than
-  adding to the variance; with draws > 1 the estimate is the mean over draws and its Monte
-  Carlo standard error is kept per request (`mc_stderr`, summarised by `run_harness`).
-  Inputs longer than the model's window keep their last tokens (context truncated on the left).
-* `loglikelihood_rolling(text)`: −(the bound of `text` under `WINDOW_CONVENTION`).
+* `loglikelihood(context, continuation)`: −[B(context + continuation) − B(context)], B the
+  family's `nll_bound` of a window laid out as its `eval_layout` says (BOS first if it takes
+  one; the context left-padded with <|endoftext|> to whole blocks, as samplers pad prompts, so
+  both windows share the same prefix layout). For a family whose NLL factorises over tokens
+  exactly (the AR baseline: `Bound.token_nll`) this is exact and read from one forward pass of
+  the full window, with lm-eval's is_greedy. For latent families the difference of two bounds is
+  an estimate, not a bound; both use the same random numbers where the family provides them
+  (`bound_noise` / `prefix_noise`: Cola's posterior noise and Hutchinson probes drawn once for the
+  full window, the context taking their prefix), so the context's own noise cancels rather than
+  adding to the variance; with draws > 1 the estimate is the mean over draws and its Monte Carlo
+  standard error is kept per request (`mc_stderr`, summarised by `run_harness`). Inputs longer
+  than the model's window keep their last tokens (context truncated on the left).
+* `loglikelihood_rolling(text)`: −(the family's NLL figure of `text` cut into its eval windows).
 * `generate_until(context, gen_kwargs)`: the family's sampler (Cola: `steps` Euler steps per
   block, `guidance`), cut at the first `until` string; greedy token choice unless
   gen_kwargs sets do_sample / temperature.
@@ -24,8 +27,7 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from lflm_dist.eval.likelihood import (BoundSettings, cola_bound_terms, draw_noise, family_of, make_windows,
-                                       prefix_noise, window_bounds)
+from lflm_dist.eval.likelihood import BoundSettings, make_windows, window_bounds, window_tensor
 
 
 def _bool(x) -> bool:
@@ -49,16 +51,17 @@ class LFLM(LM):
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             model, cfg, tokenizer = load_run(run, device)
         self.model, self.cfg, self.tok = model.eval(), cfg, tokenizer
-        self.family = family_of(model)
+        self.family, self.layout = model.family, model.eval_layout()
         self.seq_len = cfg.model.seq_len
-        self.block = cfg.model.dit.block_size if self.family == "cola" else 1
+        self.block = self.layout.block
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.settings = BoundSettings(iwae_k=int(iwae_k), draws=int(draws), trace=trace, probes=int(probes),
                                       method=ode_method, steps=int(ode_steps), rtol=float(rtol), atol=float(atol),
                                       seed=int(seed))
         self.steps, self.guidance, self.seed = int(steps), float(guidance), int(seed)
         self._device = next(model.parameters()).device
-        self.mc_stderr: list[float] = []  # per Cola loglikelihood request, when draws > 1
+        self.draws = 1 if model.likelihood_kind(self.settings) == "exact" else self.settings.draws
+        self.mc_stderr: list[float] = []  # per loglikelihood request of a latent family, when draws > 1
 
     @property
     def eot_token_id(self) -> int:
@@ -75,27 +78,16 @@ class LFLM(LM):
         return window_bounds(self.model, windows, pad_id=self.tok.eos_id, settings=self.settings,
                              batch_size=self.batch_size, terms=False)["nats"]
 
-    def _cola_pair(self, ctx: list[int], cont: list[int]) -> tuple[tuple[list[int], int], tuple[list[int], int] | None]:
-        """(full window, context window) with the context left-padded to whole blocks."""
-        bs, eos = self.block, self.tok.eos_id
-        cont = cont[-(self.seq_len - bs):] if len(cont) > self.seq_len - bs else cont
-        room = self.seq_len - (-(-len(cont) // bs) * bs)  # tokens left for the padded context
+    def _pair(self, ctx: list[int], cont: list[int]) -> tuple[list[int], list[int]]:
+        """(full window, context window) in the family's layout: at most `window` text tokens,
+        the context left-padded to whole blocks and the full window right-padded to them."""
+        bs, eos, w = self.block, self.tok.eos_id, self.layout.window
+        cont = cont[-(w - bs):] if len(cont) > w - bs else cont
+        room = w - (-(-len(cont) // bs) * bs)  # tokens left for the padded context
         ctx = ctx[-room:] if room > 0 else []
         ctx_p = [eos] * ((-len(ctx)) % bs) + ctx
         full = ctx_p + cont
-        full = full + [eos] * ((-len(full)) % bs)
-        return (full, len(ctx_p) + len(cont)), ((ctx_p, len(ctx_p)) if ctx_p else None)
-
-    @torch.no_grad()
-    def _ar_loglik(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
-        eos = self.tok.eos_id
-        ids = ([eos] + ctx + cont)[-self.seq_len:]
-        x = torch.tensor([ids], device=self._device)
-        logits = self.model.logits(x[:, :-1]).float().log_softmax(-1)[0]
-        n = len(cont)
-        lp = logits[-n:].gather(-1, x[0, -n:, None]).squeeze(-1)
-        greedy = bool((logits[-n:].argmax(-1) == x[0, -n:]).all())
-        return float(lp.sum()), greedy
+        return full + [eos] * ((-len(full)) % bs), ctx_p
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         # trailing spaces of the context belong to the continuation (lm-eval convention)
@@ -105,37 +97,38 @@ class LFLM(LM):
         return self.tok.encode(context), self.tok.encode(continuation)
 
     @torch.no_grad()
-    def _cola_loglik(self, index: int, full: tuple[list[int], int], ctx: tuple[list[int], int] | None) -> float:
-        """−[B(full) − B(ctx)] averaged over `draws`, with common random numbers per draw."""
-        s = self.settings
+    def _loglik(self, index: int, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+        """−[B(full) − B(ctx)] averaged over draws, with common random numbers per draw; exact
+        from one pass for families that give per-token NLLs."""
+        s, eos = self.settings, self.tok.eos_id
+        full, ctx_p = self._pair(ctx, cont)
+        ft = window_tensor([full], self.layout, eos, self._device)
+        ct = window_tensor([ctx_p], self.layout, eos, self._device) if ctx_p else None
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        ft = torch.tensor([full[0]], device=self._device)
-        ct = torch.tensor([ctx[0]], device=self._device) if ctx else None
-
-        def bound(toks, noise):
-            t = cola_bound_terms(self.model, toks, k=s.iwae_k, settings=s, noise=noise)
-            return float((t["iwae"] if s.iwae_k > 1 else t["neg_elbo"])[0])
-
         diffs = []
-        for _ in range(s.draws):
-            noise = draw_noise((s.iwae_k, ft.shape[1], self.cfg.model.vae.latent_dim), s, g)
-            diffs.append(bound(ft, noise) - (bound(ct, prefix_noise(noise, ct.shape[1])) if ct is not None else 0.0))
+        for _ in range(self.draws):
+            noise = self.model.bound_noise(ft.shape[1], s, g)
+            b = self.model.nll_bound(ft, settings=s, generator=g, noise=noise)
+            if b.token_nll is not None:  # exact per token: the continuation's own terms
+                n = len(cont)
+                return -float(b.token_nll[0, -n:].sum()), bool(b.token_greedy[0, -n:].all())
+            c = (float(self.model.nll_bound(ct, settings=s, generator=g,
+                                            noise=self.model.prefix_noise(noise, ct.shape[1])).nll[0])
+                 if ct is not None else 0.0)
+            diffs.append(float(b.nll[0]) - c)
         if len(diffs) > 1:
             d = torch.tensor(diffs, dtype=torch.float64)
             self.mc_stderr.append(float(d.std() / len(diffs) ** 0.5))
-        return -sum(diffs) / len(diffs)
+        return -sum(diffs) / len(diffs), False
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        pairs = [self._encode_pair(*r.args[:2]) for r in requests]
-        if self.family == "ar":
-            return [self._ar_loglik(c, x) for c, x in pairs]
-        return [(self._cola_loglik(i, *self._cola_pair(c, x)), False) for i, (c, x) in enumerate(pairs)]
+        return [self._loglik(i, *self._encode_pair(*r.args[:2])) for i, r in enumerate(requests)]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
         for r in requests:
             ids = self.tok.encode(r.args[0])
-            windows = make_windows(ids, self.family, self.seq_len, self.block, self.tok.eos_id)
+            windows = make_windows(ids, self.layout, self.tok.eos_id)
             out.append(-sum(self._bounds(windows)))
         return out
 

@@ -8,9 +8,12 @@ import torch.nn.functional as F
 
 from lflm_dist.config import ModelConfig
 from lflm_dist.models.blocks import AttnMask, Transformer, sample_token, transformer_flops
+from lflm_dist.models.family import EMBED, HEAD, Bound, BoundSettings, EvalLayout, ModelFamily, TPPlan, check_tp_nets, col
 
 
-class ARTransformer(nn.Module):
+class ARTransformer(ModelFamily):
+    family = "ar"
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -28,8 +31,9 @@ class ARTransformer(nn.Module):
         mask = None if T == 1 and start else AttnMask("block_causal", start + T, 1, q_start=start)
         return self.head(self.net(self.embed(tokens), pos, mask, cache=cache))
 
-    def forward(self, batch):
-        return self.loss(batch)
+    @classmethod
+    def validate_config(cls, cfg) -> None:
+        check_tp_nets(cfg, [("model.ar.net", cfg.model.ar.net)])
 
     def loss(self, batch) -> dict[str, torch.Tensor]:
         tokens = batch["input_ids"]
@@ -37,12 +41,30 @@ class ARTransformer(nn.Module):
         ce = self.token_ce(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
         return {"loss": ce, "nll": ce.detach()}
 
-    def nll_bound(self, batch) -> torch.Tensor:
-        """Exact NLL (nats) of tokens 1..L-1 given their prefix, per sequence."""
-        tokens = batch["input_ids"]
+    # ------------------------------------------------------------------ likelihood
+    def eval_layout(self) -> EvalLayout:
+        return EvalLayout(window=self.cfg.seq_len - 1, bos=True)
+
+    def likelihood_kind(self, settings: BoundSettings) -> str:
+        return "exact"
+
+    @torch.no_grad()
+    def nll_bound(self, tokens: torch.Tensor, settings: BoundSettings | None = None,
+                  generator: torch.Generator | None = None, noise: dict | None = None) -> Bound:
+        """Exact NLL (nats) of tokens 1..T-1 given their prefix (token 0 is the BOS), per sequence."""
         logits = self.logits(tokens[:, :-1]).float()
         ce = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
-        return ce.sum(-1)
+        return Bound(nll=ce.sum(-1), kind="exact", token_nll=ce, token_greedy=logits.argmax(-1) == tokens[:, 1:])
+
+    # ------------------------------------------------------------------ parallel layer
+    def tp_plan(self) -> TPPlan:
+        plan = TPPlan(layers=[col(self, "embed", EMBED)], vocab_ce=[self])
+        plan += self.net.tp_plan()
+        plan.layers.append(col(self, "head", HEAD))
+        return plan
+
+    def activation_stacks(self) -> list[tuple]:
+        return [(self.cfg.ar.net, self.cfg.seq_len, False)]
 
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lflm_dist.config import TransformerConfig
+from lflm_dist.models.family import COL, COL_GATHER, ROW, TPPlan, col
 from lflm_dist.models.init import zero_init
 
 
@@ -390,6 +391,23 @@ class Block(nn.Module):
         x = xq + gate(self.attn(modulate(self.attn_norm(x), s1, c1), rope, mask, cache, commit, q_from), g1[:, g0:])
         return x + gate(self.ffn(modulate(self.ffn_norm(x), s2[:, g0:], c2[:, g0:])), g2[:, g0:])
 
+    def tp_plan(self) -> TPPlan:
+        """Megatron-LM's split: attention wqkv / SwiGLU w12 column-parallel, wo / w3 row-parallel
+        (one all-reduce per sub-layer in forward and one in backward), so each rank computes its
+        heads; the QK-norm gains are shared by all heads, so each rank's grads of them are partial
+        sums; adaLN's modulation vectors multiply the whole (replicated) hidden state, so its output
+        is gathered. wqkv's rows are (q|k|v, head, head_dim), viewed [3, H, hd, D] and split on heads;
+        w12's rows (a|b, hidden), viewed [2, h, D] and split on hidden."""
+        attn, ffn = self.attn, self.ffn
+        D, H, hd = attn.wo.weight.shape[0], attn.n_heads, attn.head_dim
+        h = ffn.w3.weight.shape[1]
+        layers = [(attn, "wqkv", COL, (3, H, hd, D), 1), (attn, "wo", ROW, (D, H * hd), 1),
+                  (ffn, "w12", COL, (2, h, D), 1), (ffn, "w3", ROW, (D, h), 1)]
+        if self.adaln is not None:
+            layers.append(col(self, "adaln", COL_GATHER))
+        return TPPlan(layers=layers, attention=[attn],
+                      partial=[*attn.q_norm.parameters(), *attn.k_norm.parameters()])
+
 
 class Transformer(nn.Module):
     """A stack of blocks plus final norm; input and output are [B, T, dim] hidden states.
@@ -405,6 +423,12 @@ class Transformer(nn.Module):
 
     def new_cache(self) -> list[LayerCache]:
         return [LayerCache() for _ in self.layers]
+
+    def tp_plan(self) -> TPPlan:
+        plan = TPPlan()
+        for layer in self.layers:
+            plan += layer.tp_plan()
+        return plan
 
     def forward(self, x, positions, mask, cond=None, cache: list[LayerCache] | None = None, commit=True,
                 final_norm: bool = True, keep_from: int = 0):

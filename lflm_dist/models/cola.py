@@ -10,18 +10,22 @@ does not drift with batch statistics.
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 
 import torch
-import torch.nn as nn
 
-from lflm_dist.config import ModelConfig
+from lflm_dist.config import ConfigError, ModelConfig
+from lflm_dist.models import cola_bound
 from lflm_dist.models.blocks import ffn_hidden, sample_token, transformer_flops
 from lflm_dist.models.dit import BlockCausalDiT
+from lflm_dist.models.family import Bound, BoundSettings, EvalLayout, ModelFamily, TPPlan, check_tp_nets
 from lflm_dist.models.noise import Noise
 from lflm_dist.models.text_vae import TextEncoder, TextVAE, gaussian_kl
 
 
-class ColaDLM(nn.Module):
+class ColaDLM(ModelFamily):
+    family = "cola"
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -46,8 +50,40 @@ class ColaDLM(nn.Module):
             return None
         return self.cfg.cola.ref_checkpoint, {"vae.": "vae.", "ref_encoder.": "vae.encoder."}
 
-    def forward(self, batch):  # DDP hooks run on forward(); the loss is the forward pass
-        return self.loss(batch)
+    def describe(self) -> str:
+        return f"stage={self.stage}"
+
+    @classmethod
+    def validate_config(cls, cfg) -> None:
+        m, c = cfg.model, cfg.model.cola
+        if c.stage not in (1, 2):
+            raise ConfigError(f"model.cola.stage must be one of [1, 2], got {c.stage!r}")
+        for key, value in (("model.vae.block_size", m.vae.block_size), ("model.dit.block_size", m.dit.block_size)):
+            if value <= 0:
+                raise ConfigError(f"{key} must be > 0, got {value}")
+        if m.seq_len % m.vae.block_size:
+            raise ConfigError(f"model.seq_len ({m.seq_len}) must be a multiple of "
+                              f"model.vae.block_size ({m.vae.block_size})")
+        if m.seq_len % m.dit.block_size:
+            raise ConfigError(f"model.seq_len ({m.seq_len}) must be a multiple of "
+                              f"model.dit.block_size ({m.dit.block_size})")
+        if m.dit.block_size % m.vae.block_size:
+            raise ConfigError(f"model.dit.block_size ({m.dit.block_size}) must be a multiple of "
+                              f"model.vae.block_size ({m.vae.block_size}) so a generated latent "
+                              "block decodes on its own")
+        if c.latent_stats not in ("stage1", "track", "identity"):
+            raise ConfigError(f"model.cola.latent_stats must be one of ['stage1', 'track', 'identity'], "
+                              f"got {c.latent_stats!r}")
+        if c.stage == 2 and c.lambda_ref > 0 and not c.ref_checkpoint:
+            raise ConfigError("model.cola.ref_checkpoint is required in stage 2 when model.cola.lambda_ref > 0 "
+                              "(point it at a stage-1 run dir), or set model.cola.lambda_ref=0")
+        if c.stage == 2 and c.latent_stats == "stage1" and not c.ref_checkpoint:
+            raise ConfigError("model.cola.ref_checkpoint is required in stage 2 with model.cola.latent_stats=stage1: "
+                              "the stage-1 run's latent statistics normalise the prior's input. Point it at a "
+                              "stage-1 run dir, or set model.cola.latent_stats=track (estimate them during this run) "
+                              "or identity (shift 0, scale 1)")
+        check_tp_nets(cfg, [("model.vae.encoder", m.vae.encoder), ("model.vae.decoder", m.vae.decoder)]
+                      + ([("model.dit.net", m.dit.net)] if c.stage == 2 else []))
 
     def loss(self, batch) -> dict[str, torch.Tensor]:
         tokens = batch["input_ids"]
@@ -72,7 +108,78 @@ class ColaDLM(nn.Module):
         terms["loss"] = loss
         return terms
 
+    # ------------------------------------------------------------------ likelihood
+    def eval_layout(self) -> EvalLayout:
+        return EvalLayout(window=self.cfg.seq_len, block=self.cfg.dit.block_size)
+
+    def likelihood_kind(self, settings: BoundSettings) -> str:
+        """elbo_bound: an unbiased estimate of -ELBO, an upper bound on NLL (Hutchinson's trace is
+        unbiased and enters linearly); iwae_bound: k > 1 with the exact trace (or stage 1's closed-form
+        prior); iwae_estimate: k > 1 with Hutchinson (the log-mean-exp of noisy log-densities is biased
+        low, so not a bound). Stage-2 figures carry the ODE solver's discretisation error."""
+        if settings.iwae_k == 1:
+            return "elbo_bound"
+        return "iwae_bound" if settings.trace == "exact" or self.dit is None else "iwae_estimate"
+
+    def nll_bound(self, tokens: torch.Tensor, settings: BoundSettings | None = None,
+                  generator: torch.Generator | None = None, noise: dict | None = None) -> Bound:
+        s = settings or BoundSettings()
+        t = cola_bound.cola_bound_terms(self, tokens, k=s.iwae_k, settings=s, generator=generator, noise=noise)
+        terms = {"recon": t["recon"].mean(1), "neg_entropy": -t["entropy"], "neg_log_prior": t["prior_ce"],
+                 "neg_log_prior_normalised": -t["log_pzn"].mean(1), "neg_log_jacobian": -t["log_jac"],
+                 "neg_elbo": t["neg_elbo"]}
+        if s.iwae_k > 1:
+            terms["iwae"] = t["iwae"]
+        if "kl_analytic" in t:
+            terms["kl_analytic"] = t["kl_analytic"]
+        return Bound(nll=t["iwae"] if s.iwae_k > 1 else t["neg_elbo"], kind=self.likelihood_kind(s), terms=terms,
+                     nfe=int(t["nfe"]))
+
+    def estimator_info(self, settings: BoundSettings) -> dict:
+        return {**asdict(settings), "ode_t0": 0.0, "ode_t1": 1.0, "base": "N(0, I) at t=1",
+                "prior": "stage-2 DiT CNF" if self.dit is not None else "N(0, I)"}
+
+    def bound_noise(self, length: int, settings: BoundSettings, generator: torch.Generator) -> dict:
+        """Posterior noise and Hutchinson probes of a window; a prefix's share of them gives the
+        prefix's terms exactly (encoder, decoder and DiT are block-causal, and fixed-step solvers
+        integrate each block on its own)."""
+        return cola_bound.draw_noise((settings.iwae_k, length, self.cfg.vae.latent_dim), settings, generator)
+
+    def prefix_noise(self, noise: dict | None, n: int) -> dict | None:
+        return None if noise is None else cola_bound.prefix_noise(noise, n)
+
+    @torch.no_grad()
+    def posterior_means(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-token latent means, normalised as the prior sees them."""
+        return self.vae.normalize(self.vae.encoder(tokens)[0]).reshape(-1, self.cfg.vae.latent_dim)
+
+    # ------------------------------------------------------------------ parallel layer and export
+    def tp_plan(self) -> TPPlan:
+        """Both encoders (the frozen reference too), the decoder and the DiT; the VAE's token-CE and
+        argmax hooks become vocab-parallel. to_latent / from_latent stay replicated."""
+        plan = TPPlan(vocab_ce=[self.vae])
+        for enc in [self.vae.encoder] + ([self.ref_encoder] if self.ref_encoder is not None else []):
+            plan += enc.tp_plan()
+        plan += self.vae.decoder.tp_plan()
+        if self.dit is not None:
+            plan += self.dit.tp_plan()
+        return plan
+
+    def activation_stacks(self) -> list[tuple]:
+        L, v = self.cfg.seq_len, self.cfg.vae
+        return [(v.encoder, L, False), (v.decoder, L, False)] + ([(self.cfg.dit.net, 2 * L, True)] if self.dit else [])
+
+    def export_parts(self) -> dict[str, str]:
+        """The VAE and the DiT; the frozen reference encoder is a training aid, not exported."""
+        return {"vae": "vae.", **({"dit": "dit."} if self.dit is not None else {})}
+
     # ------------------------------------------------------------------ generation
+    def sampling_unavailable(self) -> str | None:
+        if self.dit is None:
+            return ("a stage-1 Cola run (VAE only) has no prior to sample from: train stage 2 from it "
+                    "(model.cola.stage=2, e.g. configs/cola_tiny.yaml)")
+        return None
+
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], max_new_tokens: int, *, steps: int = 8, guidance: float = 1.0,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, pad_id: int = 0,
@@ -85,7 +192,7 @@ class ColaDLM(nn.Module):
         with `steps` Euler steps (guidance w), decode the block with the decoder's KV cache, sample
         its tokens, and append its clean latent to the DiT's KV cache."""
         if self.dit is None:
-            raise RuntimeError("sampling needs the DiT prior: train with model.cola.stage=2")
+            raise RuntimeError(self.sampling_unavailable())
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device

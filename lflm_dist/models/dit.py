@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lflm_dist.config import DiTConfig
+from lflm_dist.models.family import COL_GATHER, TPPlan, col, row
 from lflm_dist.models.init import zero_init
 from lflm_dist.models.noise import Noise
 from lflm_dist.models.blocks import AttnMask, LayerCache, TimestepEmbedder, Transformer, modulate
@@ -27,6 +28,15 @@ class BlockCausalDiT(nn.Module):
         # adaLN-Zero: the prior starts as the zero velocity field.
         self.final_mod = zero_init(nn.Linear(d, 2 * d))
         self.out = zero_init(nn.Linear(d, latent_dim))
+
+    def tp_plan(self) -> TPPlan:
+        """The blocks' split, Megatron's MLP split for the timestep MLP (one all-reduce), and
+        final_mod gathered (its shift / scale multiply the full hidden state). inp / out stay
+        replicated: latent_dim wide, ~17·D parameters each (35k at D = 2048); sharding them would
+        add a collective to every forward for nothing measurable."""
+        plan = self.net.tp_plan()
+        plan.layers += [col(self.t_embed.mlp, "0"), row(self.t_embed.mlp, "2"), col(self, "final_mod", COL_GATHER)]
+        return plan
 
     def _head(self, h, c):
         shift, scale = self.final_mod(F.silu(c)).chunk(2, dim=-1)

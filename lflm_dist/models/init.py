@@ -10,7 +10,8 @@ weights (the parity tests rely on it), and no rank ever holds more than the larg
 parameter in full.
 
 The distributions are PyTorch's defaults: nn.Linear weight and bias U(±1/sqrt(fan_in)),
-nn.Embedding N(0, 1), RMSNorm gain 1; modules marked by `zero_init` (adaLN-Zero) start at 0.
+nn.Embedding N(0, 1), RMSNorm gain 1, nn.LSTM weights and biases U(±1/sqrt(hidden_size));
+modules marked by `zero_init` (adaLN-Zero) start at 0.
 Buffers are reset by their module's `reset_buffers()`.
 """
 from __future__ import annotations
@@ -50,6 +51,9 @@ def init_value(module: nn.Module, pname: str, shape: torch.Size, gen: torch.Gene
         return torch.empty(shape, device=cpu).normal_(0.0, 1.0, generator=gen)
     if type(module).__name__ == "RMSNorm":
         return torch.ones(shape, device=cpu)
+    if isinstance(module, nn.RNNBase):  # nn.LSTM/GRU/RNN weights and biases: U(±1/sqrt(hidden_size))
+        bound = 1.0 / math.sqrt(module.hidden_size)
+        return torch.empty(shape, device=cpu).uniform_(-bound, bound, generator=gen)
     raise TypeError(f"no initialisation rule for parameter {pname!r} of {type(module).__name__}: add one to "
                     "lflm_dist/models/init.py::init_value")
 

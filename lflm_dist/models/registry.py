@@ -1,18 +1,28 @@
-"""Model family name -> constructor. The trainer, eval and sweeps only see this interface:
-`loss(batch) -> {"loss": ..., terms}`, `sample(prompts, max_new_tokens, **opts)`,
-`flops_per_token()`."""
+"""Model family name -> model class (a `lflm_dist.models.family.ModelFamily`). The trainer,
+evaluation, generation, export, the parallel layer and sweeps see only that interface.
+A family's config is its own section of `ModelConfig` (Cola: model.vae, model.dit, model.cola;
+AR: model.ar; LFLM: model.lflm), chosen by model.family; see docs/adding_a_family.md."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from lflm_dist.config import ModelConfig
+from lflm_dist.config import ConfigError, ModelConfig
 from lflm_dist.models.ar import ARTransformer
 from lflm_dist.models.blocks import set_attention_backend
 from lflm_dist.models.cola import ColaDLM
+from lflm_dist.models.family import ModelFamily
 from lflm_dist.models.init import load_pretrained, materialize
+from lflm_dist.models.lflm import LFLM
 
-FAMILIES = {"cola": ColaDLM, "ar": ARTransformer}
+FAMILIES: dict[str, type[ModelFamily]] = {"cola": ColaDLM, "ar": ARTransformer, "lflm": LFLM}
+
+
+def family_class(name: str) -> type[ModelFamily]:
+    if name not in FAMILIES:
+        raise ConfigError(f"model.family={name!r} is not a registered model family; registered: "
+                          f"{', '.join(sorted(FAMILIES))} (lflm_dist/models/registry.py)")
+    return FAMILIES[name]
 
 
 def build_model(cfg: ModelConfig, init_pretrained: bool = True, seed: int = 0,
@@ -23,7 +33,7 @@ def build_model(cfg: ModelConfig, init_pretrained: bool = True, seed: int = 0,
     if cfg.vocab_size <= 0:
         raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer)")
     with torch.device("meta"):
-        model = FAMILIES[cfg.family](cfg)
+        model = family_class(cfg.family)(cfg)
     set_attention_backend(model, cfg.attention)
     if str(device) != "meta":
         init_model(model, device, seed, init_pretrained)

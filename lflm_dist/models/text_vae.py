@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from lflm_dist.config import VAEConfig
 from lflm_dist.models.blocks import AttnMask, LayerCache, Transformer
+from lflm_dist.models.family import EMBED, HEAD, TPPlan, col
 from lflm_dist.models.noise import Noise
 
 
@@ -26,6 +27,14 @@ class TextEncoder(nn.Module):
         self.embed = nn.Embedding(vocab_size + 1, cfg.encoder.dim)
         self.net = Transformer(cfg.encoder)
         self.to_latent = nn.Linear(cfg.encoder.dim, 2 * cfg.latent_dim)
+
+    def tp_plan(self) -> TPPlan:
+        """Vocab-parallel embedding (its [MASK] row makes the table vocab + 1: padded to a multiple
+        of tp, the padding never looked up) and the blocks' split; to_latent stays replicated
+        (2·latent_dim outputs)."""
+        plan = self.net.tp_plan()
+        plan.layers.insert(0, col(self, "embed", EMBED))
+        return plan
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, L] -> (mean, logvar) each [B, L, latent_dim]."""
@@ -46,6 +55,11 @@ class TextDecoder(nn.Module):
         self.from_latent = nn.Linear(cfg.latent_dim, cfg.decoder.dim)
         self.net = Transformer(cfg.decoder)
         self.head = nn.Linear(cfg.decoder.dim, vocab_size, bias=False)
+
+    def tp_plan(self) -> TPPlan:
+        plan = self.net.tp_plan()
+        plan.layers.append(col(self, "head", HEAD))  # vocab-parallel head: logits never gathered
+        return plan
 
     def forward(self, z: torch.Tensor, cache: list[LayerCache] | None = None) -> torch.Tensor:
         """z [B, T, C] -> logits [B, T, V]. With a cache, z continues the cached blocks."""

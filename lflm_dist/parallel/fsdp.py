@@ -1,6 +1,7 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`), activation checkpointing and compile,
-applied per transformer block from outside the model (torchtitan's order: checkpoint /
-compile each block, shard each block, then shard the root)."""
+applied from outside the model to each of its `shard_units()` (transformer blocks, LSTM
+layers, ...: the family says which; torchtitan's order: checkpoint / compile each unit, shard
+each unit, then shard the root)."""
 from __future__ import annotations
 
 import functools
@@ -9,17 +10,16 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from lflm_dist.models.blocks import Block
 
-
-def blocks(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, Block)]
+def units(model: nn.Module) -> list[nn.Module]:
+    """The units the model family names (lflm_dist.models.family.ModelFamily.shard_units)."""
+    return list(model.shard_units())
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each Block in backward. The forward is replaced on the instance, so module
+    """Recompute each shard unit in backward. The forward is replaced on the instance, so module
     names (and hence checkpoints) are unchanged, unlike checkpoint_wrapper."""
-    for b in blocks(model):
+    for b in units(model):
         orig = b.forward
 
         @functools.wraps(orig)
@@ -32,7 +32,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def apply_compile(model: nn.Module) -> None:
-    for b in blocks(model):
+    for b in units(model):
         b.compile()  # nn.Module.compile: in place, names unchanged
 
 
@@ -46,7 +46,7 @@ def mixed_precision(device: torch.device, precision: str):
 
 def apply_fsdp2(model: nn.Module, mesh, mp_policy) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
-    for b in blocks(model):
+    for b in units(model):
         fully_shard(b, mesh=mesh, mp_policy=mp_policy)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy)
     return model

@@ -33,13 +33,12 @@ def param_layout(cfg: Config, tp: int = 1) -> dict:
     """Trainable parameters held by one TP rank, and the largest block's size, from the
     model built on the meta device (so exact for any size). What is sharded is read from
     `tp.tp_plan`, the list `apply_tp` swaps."""
-    from lflm_dist.models.blocks import Block
     from lflm_dist.models.registry import build_model
     from lflm_dist.parallel import tp as tpmod
     model = build_model(cfg.model, init_pretrained=False, device="meta")
     local = {}  # id(param) -> (rows, numel) held by one TP rank
     if tp > 1:
-        for parent, name, kind, _, _ in tpmod.tp_plan(model):
+        for parent, name, kind, _, _ in tpmod.tp_plan(model).layers:
             lin = getattr(parent, name)
             w, b = lin.weight, getattr(lin, "bias", None)
             if kind == tpmod.EMBED:  # padded to a multiple of tp
@@ -61,8 +60,8 @@ def param_layout(cfg: Config, tp: int = 1) -> dict:
         rows, n = local.get(id(p), (p.shape[0], p.numel()))
         per_rank += n
         shapes.append((rows, n))
-    block = max((sum(local.get(id(q), (0, q.numel()))[1] for q in b.parameters()) for b in model.modules()
-                 if isinstance(b, Block)), default=0)
+    block = max((sum(local.get(id(q), (0, q.numel()))[1] for q in b.parameters()) for b in model.shard_units()),
+                default=0)
     return {"total": total, "per_tp_rank": per_rank, "frozen": frozen, "largest_block": block,
             "shapes": shapes}
 
@@ -77,10 +76,10 @@ def activation_bytes(cfg: Config, micro_batch: int, tp: int = 1, bf16: bool = Tr
                      include_recompute: bool = True) -> float:
     """Activation bytes of one micro-batch. With checkpointing: block inputs kept in forward,
     plus (include_recompute) one block's activations rebuilt during backward."""
+    from lflm_dist.models.registry import build_model
     e = 2 if bf16 else 4
     m, L, B = cfg.model, cfg.model.seq_len, micro_batch
-    stacks = ([(m.ar.net, L, False)] if m.family == "ar" else
-              [(m.vae.encoder, L, False), (m.vae.decoder, L, False)] + ([(m.dit.net, 2 * L, True)] if m.cola.stage == 2 else []))
+    stacks = build_model(m, init_pretrained=False, device="meta").activation_stacks()  # the family's transformer stacks
     V = m.vocab_size
     head = (3 * e * B * L * V + 4 * B * L * V) / tp  # logits, fp32 copy, softmax grad; vocab-parallel under TP
     if not checkpointing:

@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from lflm_dist.models.family import COL_GATHER, EMBED, HEAD, ROW, TPPlan
 from lflm_dist.parallel import megatron_cpu
 
 _state = {"initialized": False}
@@ -142,59 +143,24 @@ def vocab_parallel_argmax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return idxs.gather(0, best)[0].long()
 
 
-# kinds of layer in a TP plan
-COL = "col"                # ColumnParallelLinear, output left sharded (feeds a row-parallel layer)
-COL_GATHER = "col_gather"  # ColumnParallelLinear, output all-gathered (consumers need every value)
-ROW = "row"                # RowParallelLinear on a sharded input, output all-reduced
-EMBED = "embed"            # VocabParallelEmbedding, rows padded to a multiple of tp
-HEAD = "head"              # column-parallel over the vocabulary (vocab-parallel cross-entropy)
-
-
-def tp_plan(model: nn.Module) -> list[tuple[nn.Module, str, str, tuple, int]]:
-    """Every layer `apply_tp` replaces, as (parent module, attribute, kind, weight view, shard
-    dim). The memory planner (`plan.param_layout`) reads the same list, so its per-rank
-    parameter counts follow what is actually sharded."""
-    from lflm_dist.models.ar import ARTransformer
-    from lflm_dist.models.blocks import Block
-    from lflm_dist.models.dit import BlockCausalDiT
-    from lflm_dist.models.text_vae import TextDecoder, TextEncoder
-
-    def rows(parent, name, kind=COL):  # split on the output dim (column-parallel)
-        return (parent, name, kind, tuple(getattr(parent, name).weight.shape), 0)
-
-    def cols(parent, name):  # split on the input dim (row-parallel)
-        return (parent, name, ROW, tuple(getattr(parent, name).weight.shape), 1)
-
-    plan = []
-    for m in model.modules():
-        if isinstance(m, TextEncoder):
-            plan.append(rows(m, "embed", EMBED))
-        elif isinstance(m, TextDecoder):
-            plan.append(rows(m, "head", HEAD))
-        elif isinstance(m, ARTransformer):
-            plan += [rows(m, "embed", EMBED), rows(m, "head", HEAD)]
-        elif isinstance(m, BlockCausalDiT):
-            # Megatron's MLP split for the timestep MLP (one all-reduce); final_mod's shift /
-            # scale multiply the full hidden state, so its output is gathered. inp / out stay
-            # replicated (latent_dim wide: see the module docstring).
-            plan += [rows(m.t_embed.mlp, "0"), cols(m.t_embed.mlp, "2"), rows(m, "final_mod", COL_GATHER)]
-        elif isinstance(m, Block):
-            attn, ffn = m.attn, m.ffn
-            D, H, hd = attn.wo.weight.shape[0], attn.n_heads, attn.head_dim
-            h = ffn.w3.weight.shape[1]
-            plan += [(attn, "wqkv", COL, (3, H, hd, D), 1), (attn, "wo", ROW, (D, H * hd), 1),
-                     (ffn, "w12", COL, (2, h, D), 1), (ffn, "w3", ROW, (D, h), 1)]
-            if m.adaln is not None:  # modulation vectors for the full hidden state: gathered
-                plan.append(rows(m, "adaln", COL_GATHER))
+def tp_plan(model: nn.Module) -> TPPlan:
+    """The model's `tp_plan()` (lflm_dist.models.family.TPPlan): every layer `apply_tp`
+    replaces, as (parent module, attribute, kind, weight view, shard dim), and the attention
+    modules, partial-grad parameters and vocab-CE hooks it adjusts. The memory planner
+    (`plan.param_layout`) reads the same plan, so its per-rank parameter counts follow what is
+    actually sharded. A family without a plan cannot run with parallel.tp > 1."""
+    plan = model.tp_plan()
+    if plan is None:
+        from lflm_dist.config import ConfigError
+        raise ConfigError(f"parallel.tp > 1: the {model.family!r} model family has no tensor-parallel plan "
+                          "(its tp_plan() is None); use parallel.tp=1 with ddp, fsdp2 or deepspeed")
     return plan
 
 
 def apply_tp(model: nn.Module, tp: int) -> nn.Module:
     """Shard the layers of `tp_plan(model)` over the TP group (in place); returns the model."""
     from megatron.core.model_parallel_config import ModelParallelConfig
-    from lflm_dist.models.ar import ARTransformer
-    from lflm_dist.models.blocks import Block
-    from lflm_dist.models.text_vae import TextVAE
+    plan = tp_plan(model)
     rank = dist.get_rank(tp_group())
     Column, Row, VocabEmbedding = _layers()
     dtype = next(model.parameters()).dtype
@@ -248,23 +214,20 @@ def apply_tp(model: nn.Module, tp: int) -> nn.Module:
             load_shard(new.bias, old.bias, view[:-1], dim)
         setattr(parent, name, new)
 
-    for parent, name, kind, view, dim in tp_plan(model):
+    for parent, name, kind, view, dim in plan.layers:
         swap(parent, name, kind, view, dim)
-
-    for m in model.modules():
-        if isinstance(m, (TextVAE, ARTransformer)):  # the models' token-CE hooks
-            if not hasattr(m, "token_ce"):
-                raise RuntimeError(f"{type(m).__name__} has no token_ce hook: vocab-parallel TP cannot apply")
-            m.token_ce = vocab_parallel_ce
-            if hasattr(m, "token_argmax"):
-                m.token_argmax = vocab_parallel_argmax
-        if isinstance(m, Block):
-            m.attn.n_heads //= tp  # heads computed on this rank
-            # QK-norm gains are shared by all heads: each rank sees only its heads, so their grads
-            # are partial sums to be all-reduced over the TP group (sync_partial_grads)
-            for norm in (m.attn.q_norm, m.attn.k_norm):
-                for prm in norm.parameters():
-                    prm._lflm_tp_partial = True
+    for m in plan.vocab_ce:  # the models' token-CE (and argmax) hooks
+        if not hasattr(m, "token_ce"):
+            raise RuntimeError(f"{type(m).__name__} has no token_ce hook: vocab-parallel TP cannot apply")
+        m.token_ce = vocab_parallel_ce
+        if hasattr(m, "token_argmax"):
+            m.token_argmax = vocab_parallel_argmax
+    for attn in plan.attention:
+        attn.n_heads //= tp  # heads computed on this rank
+    # QK-norm gains are shared by all heads: each rank sees only its heads, so their grads are
+    # partial sums to be all-reduced over the TP group (sync_partial_grads)
+    for prm in plan.partial:
+        prm._lflm_tp_partial = True
     # megatron marks what it shards (tensor_model_parallel); each such parameter needs our spec,
     # or checkpoints would store one rank's piece as the whole tensor and the clip norm miscount it
     unspecified = [n for n, p in model.named_parameters()

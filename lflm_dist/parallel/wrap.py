@@ -45,12 +45,14 @@ def build_parallel(model: torch.nn.Module, cfg: Config, device: torch.device, in
     meta = any(t.is_meta for t in model.parameters())
     if meta and init is None:
         raise ValueError("build_parallel got a meta-device model and no `init` to materialise it")
+    from lflm_dist.parallel import tp as tpmod
+    if p.tp > 1:
+        tpmod.tp_plan(model)  # a family without a TP plan fails here, before any weight is allocated
     sharded_init = meta and p.strategy == "fsdp2" and p.tp == 1
     if meta and not sharded_init:
         init(model, "cpu" if p.tp > 1 else device)
     if not sharded_init:
         model = model.to(device)
-    from lflm_dist.parallel import tp as tpmod
     if p.tp > 1:
         tpmod.init_tp(p.tp)
         tpmod.apply_tp(model, p.tp)

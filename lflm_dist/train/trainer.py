@@ -99,6 +99,7 @@ class Trainer:
         model = build_model(cfg.model, device="meta")  # materialised by the parallel layer, per shard
         self.n_params = count_params(model)
         self.flops_per_token = model.flops_per_token()
+        self.model_summary = model.describe()
         # strategy applied from outside the model: DDP | FSDP2 | DeepSpeed ZeRO, optionally megatron TP
         init = functools.partial(init_model, seed=t.seed, pretrained=self.resume_from is None)
         self.engine = build_parallel(model, cfg, self.d.device, init=init)
@@ -254,7 +255,7 @@ class Trainer:
                                extra={"n_params": self.n_params, "world_size": self.d.world_size,
                                       "strategy": cfg.parallel.strategy, "tp": cfg.parallel.tp})
         if self.d.is_main:
-            print(f"[train] {cfg.model.family} stage={cfg.model.cola.stage if cfg.model.family == 'cola' else '-'} "
+            print(f"[train] {cfg.model.family} {self.model_summary} "
                   f"params={self.n_params / 1e6:.2f}M world={self.d.world_size} strategy={cfg.parallel.strategy} "
                   f"tp={cfg.parallel.tp} device={self.d.device} optimizer={self.engine.optimizer_name} "
                   f"global_batch={t.global_batch_size}x{cfg.model.seq_len} steps={self.step}->{t.max_steps}")
