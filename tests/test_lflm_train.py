@@ -15,9 +15,9 @@ import torch
 
 from lflm_dist.config import load_config
 from lflm_dist.train.trainer import Trainer
-from test_train import ROOT, losses
+from test_train import ROOT, launch as launch_run, losses
 
-CONFIG = ROOT / "configs/lflm_tiny.yaml"
+CONFIG = "configs/lflm_tiny.yaml"
 TINY = ["model.seq_len=32", "model.lflm.embed_dim=32", "model.lflm.encoder_hidden=32", "model.lflm.latent_dim=8",
         "model.lflm.ode_hidden=32", "model.lflm.decoder.dim=32", "model.lflm.decoder.n_heads=2",
         "model.lflm.decoder.n_layers=2", "model.lflm.latent_tokens=2", "model.lflm.beta_steps=3",
@@ -33,14 +33,7 @@ CASES = {  # name: (overrides, processes, processes for the resumed half); globa
 
 
 def launch(data, run_dir, *extra, nproc=1, expect=0):
-    args = [str(ROOT / "launchers/pretrain.py"), "--config", str(CONFIG), *TINY, f"data.path={data}",
-            f"run.dir={run_dir}", *extra]
-    cmd = ([sys.executable, *args] if nproc == 1 else
-           [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-    assert p.returncode == expect, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
+    return launch_run(data, run_dir, *extra, nproc=nproc, expect=expect, config=CONFIG, base=TINY)
 
 
 def metric(run_dir, key):
@@ -79,7 +72,7 @@ def test_lflm_strategy_matches_one_process_and_resumes(name, reference, tiny_dat
 
 def test_lflm_interrupted_run_resumes_bit_identically(tiny_data, tmp_path):
     def cfg(run):
-        return load_config(CONFIG, TINY + STEPS + [f"data.path={tiny_data}", f"run.dir={run}", "sample.num_samples=0"])
+        return load_config(ROOT / CONFIG, TINY + STEPS + [f"data.path={tiny_data}", f"run.dir={run}", "sample.num_samples=0"])
     Trainer(cfg(tmp_path / "full")).fit()
     Trainer(cfg(tmp_path / "cut")).fit(stop_at=3)  # a crash after step 3: the checkpoint is at step 2
     Trainer(cfg(tmp_path / "cut")).fit()

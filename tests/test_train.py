@@ -22,8 +22,8 @@ TINY = ["model.seq_len=32", "model.vae.encoder.dim=32", "model.vae.decoder.dim=3
         "run.wandb_mode=disabled", "sample.num_samples=0", "data.num_workers=1"]
 
 
-def overrides(data, run_dir, *extra):
-    return TINY + [f"data.path={data}", f"run.dir={run_dir}", *extra]
+def overrides(data, run_dir, *extra, base=TINY):
+    return base + [f"data.path={data}", f"run.dir={run_dir}", *extra]
 
 
 def losses(run_dir):
@@ -36,10 +36,10 @@ def train_inproc(data, run_dir, *extra, stop_at=None):
     return Trainer(cfg).fit(stop_at=stop_at)
 
 
-def launch(data, run_dir, *extra, nproc=1, expect=0):
+def launch(data, run_dir, *extra, nproc=1, expect=0, config="configs/cola_tiny.yaml", base=TINY):
     """Run launchers/pretrain.py as a user would: plain python for 1 process, torchrun for more."""
-    args = [str(ROOT / "launchers/pretrain.py"), "--config", str(ROOT / "configs/cola_tiny.yaml"),
-            *overrides(data, run_dir, *extra)]
+    args = [str(ROOT / "launchers/pretrain.py"), "--config", str(ROOT / config),
+            *overrides(data, run_dir, *extra, base=base)]
     cmd = ([sys.executable, *args] if nproc == 1 else
            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

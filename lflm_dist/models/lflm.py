@@ -1,5 +1,5 @@
 """LFLM, the Latent Flow Language Model: one continuous latent per sequence, evolved by a neural
-ODE and decoded in parallel (docs: /work/shared/papers/lflm-latent-flow-language-model.md).
+ODE and decoded in parallel (the LFLM paper: Encoder, Latent Flow with Neural ODE, Parallel Decoder).
 
   encoder   tokens -> embedding -> BiLSTM -> attention pooling -> (mean, logvar) of q(z0|x) [B, C]
   flow      dz/dt = f_theta(z, t), an MLP of (z, time features), integrated t = 0 -> 1 (torchdiffeq)

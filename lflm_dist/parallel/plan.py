@@ -135,7 +135,11 @@ def main(argv=None) -> int:
     for tp in a.tp:
         if a.gpus % tp:
             continue
-        lay_tp = param_layout(cfg, tp)
+        try:
+            lay_tp = param_layout(cfg, tp)
+        except ValueError as e:  # ConfigError: a family without a tensor-parallel plan
+            print(f"tp={tp}: {e}")
+            continue
         dp = a.gpus // tp
         mb = a.micro_batch or max(1, cfg.train.global_batch_size // (dp * cfg.train.grad_accum))
         for s in STRATEGIES:
