@@ -98,6 +98,7 @@ def test_lflm_run_evaluates_generates_and_exports(reference, tmp_path):
     assert r["tokens"] == sum(len(d) for d in data.docs) and r["bpc"] > 0
     assert r["terms_per_token"]["neg_elbo"] == pytest.approx(r["terms_per_token"]["recon"] + r["terms_per_token"]["kl"])
     assert r["mc_stderr_nll_per_token"] is not None  # two draws of z: a Monte Carlo spread
+    assert model.posterior_means(torch.tensor(data.docs[:1])[:, :32]).shape == (1, 8)  # one latent per text
     k8 = evaluate_likelihood(model, cfg, tok, data, settings=BoundSettings(iwae_k=8))
     assert k8["kind"] == "iwae_bound" and k8["nll_per_token"] < r["nll_per_token"]
 

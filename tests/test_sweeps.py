@@ -71,6 +71,17 @@ def test_plan_gives_equal_flops_per_budget(tiny_data, tmp_path):
     assert [r.tokens for r in ar] == sorted((r.tokens for r in ar), reverse=True)
 
 
+def test_cluster_grid_plans_and_trains_each_stage_with_its_own_config(tmp_path):
+    """configs/sweeps/cola_scaling.yaml plans; Cola's stage 1 is the VAE config with its own KL
+    weight (not stage 2's beta, which weighs -H(q))."""
+    cfg = load_sweep_config(ROOT / "configs/sweeps/cola_scaling.yaml", [f"sweep.dir={tmp_path}"])
+    runs = make_plan(cfg)
+    stage1 = cfg.families["cola"].stages[0]
+    c1 = load_config(ROOT / stage1.config, stage1.overrides)
+    assert c1.model.cola.stage == 1 and c1.model.vae.beta == load_config(ROOT / "configs/cola_2b_vae.yaml").model.vae.beta
+    assert {r.family for r in runs} == {"cola", "ar"} and all(r.stages[0].flops > 0 for r in runs)
+
+
 def test_dry_run_prints_the_plan(tiny_data, tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "launchers" / "sweep.py"), "run", str(TINY), "--dry-run",
                           f"sweep.dir={tmp_path / 'sw'}", f"sweep.overrides=[data.path={tiny_data}]"],

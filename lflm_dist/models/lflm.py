@@ -333,6 +333,10 @@ class LFLM(ModelFamily):
         with self._inference():
             return self.encode(tokens)[0]
 
+    def posterior_means(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One row [B, C] per text: LFLM has one latent per sequence."""
+        return self.encode_mean(tokens)
+
     def decode_latent(self, z0: torch.Tensor, length: int | None = None, temperature: float = 0.0, top_k: int = 0,
                       top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
         """z0 [B, C] -> token ids [B, length] (flow, decode; temperature 0: argmax)."""
