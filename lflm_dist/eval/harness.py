@@ -110,7 +110,7 @@ class LFLM(LM):
             noise = self.model.bound_noise(ft.shape[1], s, g)
             b = self.model.nll_bound(ft, settings=s, generator=g, noise=noise)
             if b.token_nll is not None:  # exact per token: the continuation's own terms
-                n = len(cont)
+                n = min(len(cont), len(full) - len(ctx_p))  # the continuation may have been cut to the window
                 return -float(b.token_nll[0, -n:].sum()), bool(b.token_greedy[0, -n:].all())
             c = (float(self.model.nll_bound(ct, settings=s, generator=g,
                                             noise=self.model.prefix_noise(noise, ct.shape[1])).nll[0])
