@@ -131,3 +131,29 @@ def test_run_dir_has_config_metrics_wandb_and_plot(tiny_data, tmp_path):
                         "--num-samples", "1", "--max-new-tokens", "8", "--steps", "2"],
                        capture_output=True, text=True, cwd=ROOT)
     assert g.returncode == 0 and g.stdout.startswith("--- sample 0 ---\nKING"), g.stderr
+
+
+def test_a_second_run_on_a_live_run_dir_stops_and_a_dead_ones_lock_does_not_stick(tiny_data, tmp_path):
+    """Two runs on one run.dir would interleave checkpoints: the second stops, naming the holder.
+    A run killed with SIGKILL leaves no stuck lock (the kernel drops flock with the process)."""
+    import signal
+    run = tmp_path / "run"
+    holder = Trainer(load_config(ROOT / "configs/cola_tiny.yaml", overrides(tiny_data, run, "train.max_steps=2")))
+    p = launch(tiny_data, run, "train.max_steps=2", expect=2)
+    assert f"run.dir {run} is in use by another training run (pid {os.getpid()} on" in p.stderr
+    assert not (run / "checkpoints").exists()  # the second run wrote nothing
+    holder.fit()  # finishes and releases the lock
+    launch(tiny_data, run, "train.max_steps=3")  # resumes: the dir is free again
+    assert len(losses(run)) == 3
+
+    code = f"from lflm_dist.train.run_lock import RunLock; import time; lock = RunLock({str(run)!r}).acquire(); print('held', flush=True); time.sleep(600)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.readline().strip() == "held"
+    launch(tiny_data, run, "train.max_steps=3", expect=2)
+    p = launch(tiny_data, run, "train.max_steps=3", nproc=2, expect=1)  # torchrun: its workers exited 2
+    assert p.stderr.count("is in use by another training run") >= 2  # every rank stops, none waits forever
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    launch(tiny_data, run, "train.max_steps=4")  # the dead holder's lock is gone
+    assert len(losses(run)) == 4

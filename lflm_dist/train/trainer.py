@@ -30,6 +30,7 @@ from lflm_dist.train.host_memory import retain_freed_memory
 from lflm_dist.train.logging import MetricsLogger
 from lflm_dist.train.optim import lr_at
 from lflm_dist.train.preemption import Preempted, PreemptionFlag
+from lflm_dist.train.run_lock import RunDirInUse, RunLock
 
 EVAL_SEED = 0x5EED
 
@@ -91,6 +92,15 @@ class Trainer:
             raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be divisible by world size "
                               f"({self.d.world_size}) x train.grad_accum ({t.grad_accum})")
         self.run_dir = Path(cfg.run.dir)
+        self.lock = self._lock_run_dir()  # released by fit() or close(); by the kernel if the process dies
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
         self.tokenizer = resolve_vocab(cfg)
         self.train_dir = Path(cfg.data.path) / cfg.data.train_split
         self.valid_dir = Path(cfg.data.path) / cfg.data.valid_split
@@ -113,6 +123,31 @@ class Trainer:
         self.step = 0
         if self.resume_from is not None:
             self._resume(self.resume_from)
+
+    def _lock_run_dir(self) -> RunLock | None:
+        """The main rank holds the run dir's lock; every rank stops if another run holds it."""
+        lock, err = None, None
+        if self.d.is_main:
+            try:
+                lock = RunLock(self.run_dir).acquire()
+            except RunDirInUse as e:
+                err = e
+        if torch.distributed.is_initialized():
+            ok = torch.tensor([0.0 if err else 1.0], device=self.d.device)
+            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+            if ok.item() == 0 and err is None:
+                err = RunDirInUse(f"run.dir {self.run_dir} is in use by another training run (rank 0 says by whom)")
+        if err is not None:
+            if lock is not None:
+                lock.release()
+            raise err
+        return lock
+
+    def close(self) -> None:
+        """Release the run dir (fit() does, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ------------------------------------------------------------------ state
     def _resume(self, path: Path) -> None:
@@ -242,7 +277,14 @@ class Trainer:
     def fit(self, stop_at: int | None = None) -> dict[str, float]:
         """Train to train.max_steps (or return early after `stop_at` steps, as a crash would:
         no extra checkpoint, no final evaluation), then evaluate on the validation split and
-        mark the run dir DONE. On a preemption signal: checkpoint, then raise `Preempted`."""
+        mark the run dir DONE. On a preemption signal: checkpoint, then raise `Preempted`.
+        However it ends, the run dir's lock is released."""
+        try:
+            return self._fit(stop_at)
+        finally:
+            self.close()
+
+    def _fit(self, stop_at: int | None) -> dict[str, float]:
         cfg, t = self.cfg, self.cfg.train
         if self.d.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
