@@ -20,12 +20,16 @@ def main(config_path: str, overrides: list[str]) -> int:
         final = trainer.fit()
     except preemption.Preempted as e:  # checkpoint complete on every rank (save ends in a barrier)
         if trainer.d.is_main:
-            print(f"[preempt] signal {preemption.SIGNAL.name}: stopped after step {e.step}, checkpoint {e.checkpoint}",
+            print(f"[preempt] signal {e.signal.name}: stopped after step {e.step}, checkpoint {e.checkpoint}",
                   flush=True)
-            preemption.requeue()
+            if e.requeue:
+                preemption.requeue()
+            else:
+                print("[preempt] not requeued (SIGTERM); re-run the same command to resume", flush=True)
         barrier()  # others exit after the requeue, so srun --kill-on-bad-exit cannot cut it short
         destroy()
-        return preemption.EXIT_CODE  # the batch script must not start the next stage
+        # non-zero either way: the batch script must not start the next stage
+        return preemption.EXIT_CODE if e.requeue else preemption.STOP_EXIT_CODE
     except (ValueError, FileNotFoundError, ShardError, NonFiniteLossError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         destroy()

@@ -157,3 +157,32 @@ def test_a_second_run_on_a_live_run_dir_stops_and_a_dead_ones_lock_does_not_stic
     proc.wait()
     launch(tiny_data, run, "train.max_steps=4")  # the dead holder's lock is gone
     assert len(losses(run)) == 4
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_stops_without_requeue(tiny_data, tmp_path):
+    """SIGTERM (kill, scancel, torchrun): the step in progress finishes and is checkpointed, the run
+    exits 143 (not 0: a batch script must not take the stage as finished), nothing logged is lost,
+    and the same command resumes from that step. In-process, the handlers are put back after fit."""
+    import signal
+    import time
+    run = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "launchers/pretrain.py"), "--config", str(ROOT / "configs/cola_tiny.yaml"),
+            *overrides(tiny_data, run, "train.max_steps=400", "train.ckpt_every=1000")]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    metrics = run / "metrics.jsonl"
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 143, out[-2000:] + err[-2000:]
+    assert "[preempt] signal SIGTERM: stopped after step" in out and "not requeued (SIGTERM)" in out
+    step = len(losses(run))
+    assert 3 <= step < 400 and latest_checkpoint(run).name == f"step_{step:08d}" and not (run / "DONE").exists()
+    p = launch(tiny_data, run, f"train.max_steps={step + 2}")
+    assert f"at step {step}" in p.stdout and len(losses(run)) == step + 2
+
+    before = signal.getsignal(signal.SIGTERM)
+    train_inproc(tiny_data, tmp_path / "inproc", "train.max_steps=1")
+    assert signal.getsignal(signal.SIGTERM) is before

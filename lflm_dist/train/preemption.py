@@ -9,6 +9,13 @@ srun; the all-reduce makes all ranks stop at the same step. The trainer then wri
 checkpoint and raises `Preempted`; the launcher has rank 0 run `scontrol requeue` and exits
 with EXIT_CODE, which tells the batch script (slurm/stages.sh) not to start the next stage.
 The requeued job re-runs the batch script; the trainer resumes from the checkpoint.
+
+SIGTERM (`kill`, `scancel`, SLURM's own preemption, torchrun passing on its own SIGTERM) is
+handled the same way up to the checkpoint, but never requeues: a job must stay cancellable. The
+run exits with STOP_EXIT_CODE (128 + SIGTERM, what a shell reports for a terminated process), not
+0, so that a batch script does not take the unfinished stage for a finished one and start the
+next; the same command resumes it. The step in progress finishes first: the grace period the
+sender allows (SLURM's KillWait / GraceTime, torchrun's 30 s) must cover one step and a checkpoint.
 """
 from __future__ import annotations
 
@@ -21,40 +28,59 @@ import threading
 import torch
 import torch.distributed as dist
 
-SIGNAL = signal.SIGUSR2
+SIGNAL = signal.SIGUSR2  # checkpoint, requeue, exit EXIT_CODE
+STOP_SIGNAL = signal.SIGTERM  # checkpoint, exit STOP_EXIT_CODE
 # EX_TEMPFAIL of sysexits.h: "temporary failure, retry later". Distinct from 1 (an exception)
 # and 2 (a configuration or data error); slurm/stages.sh tests for it.
 EXIT_CODE = 75
+STOP_EXIT_CODE = 128 + signal.SIGTERM
+_CODES = {STOP_SIGNAL: 1.0, SIGNAL: 2.0}  # all-reduced with max: a requeue request wins over a stop
 
 
 class Preempted(Exception):
-    """Training stopped at `step` on a preemption signal, after checkpointing to `checkpoint`."""
+    """Training stopped at `step` on a signal, after checkpointing to `checkpoint`; `requeue`:
+    SIGUSR2 (put the job back in the queue) rather than SIGTERM (just stop)."""
 
-    def __init__(self, step: int, checkpoint):
-        super().__init__(f"preempted at step {step}; checkpoint {checkpoint}")
-        self.step, self.checkpoint = step, checkpoint
+    def __init__(self, step: int, checkpoint, requeue: bool = True):
+        super().__init__(f"{'preempted' if requeue else 'stopped'} at step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint, self.requeue = step, checkpoint, requeue
+        self.signal = SIGNAL if requeue else STOP_SIGNAL
 
 
 class PreemptionFlag:
-    """Installs the SIGUSR2 handler (main thread only: Python runs handlers there) and keeps
-    the flag it sets. The flag is per process; `requested()` is the collective decision."""
+    """Installs the SIGUSR2 and SIGTERM handlers (main thread only: Python runs handlers there)
+    and keeps what they set. The flag is per process; `requested()` is the collective decision."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.flag = False
+        self.code = 0.0
+        self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            signal.signal(SIGNAL, self._on_signal)
+            self.previous = {sig: signal.signal(sig, self._on_signal) for sig in _CODES}
+
+    def restore(self) -> None:
+        """Put back the handlers found at start (a process that goes on after training, such as a
+        test runner, must die of SIGTERM again)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
     def _on_signal(self, signum, frame) -> None:
-        self.flag = True  # nothing else: printing or collectives here could re-enter what was interrupted
+        # nothing else: printing or collectives here could re-enter what was interrupted
+        self.code = max(self.code, _CODES[signum])
 
-    def requested(self) -> bool:
-        """Collective: True on every rank when any rank got the signal."""
+    @property
+    def flag(self) -> bool:
+        return self.code > 0
+
+    def requested(self) -> float:
+        """Collective, the same on every rank: 0 (carry on), 1 (SIGTERM: stop) or 2 (SIGUSR2:
+        stop and requeue) when any rank got a signal."""
         if not dist.is_initialized():
-            return self.flag
-        t = torch.tensor([float(self.flag)], device=self.device)
+            return self.code
+        t = torch.tensor([self.code], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return float(t.item())
 
 
 def slurm_job_id() -> str | None:

@@ -82,7 +82,7 @@ class Trainer:
     def __init__(self, cfg: Config, dist_info: DistInfo | None = None):
         self.cfg = cfg
         self.d = dist_info or init_distributed(cfg.parallel.backend, force=needs_process_group(cfg.parallel))
-        self.preemption = PreemptionFlag(self.d.device)  # SIGUSR2 handler, before the slow model build
+        self.preemption = PreemptionFlag(self.d.device)  # SIGUSR2 / SIGTERM handlers, before the slow model build
         if self.d.device.type == "cpu":
             retain_freed_memory()  # reuse freed activations instead of page-faulting fresh ones each step
             if self.d.world_size > 1:
@@ -92,8 +92,9 @@ class Trainer:
             raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be divisible by world size "
                               f"({self.d.world_size}) x train.grad_accum ({t.grad_accum})")
         self.run_dir = Path(cfg.run.dir)
-        self.lock = self._lock_run_dir()  # released by fit() or close(); by the kernel if the process dies
+        self.lock = None
         try:
+            self.lock = self._lock_run_dir()  # released by fit() or close(); by the kernel if the process dies
             self._build()
         except BaseException:
             self.close()
@@ -144,7 +145,8 @@ class Trainer:
         return lock
 
     def close(self) -> None:
-        """Release the run dir (fit() does, however it ends)."""
+        """Release the run dir and the signal handlers (fit() does, however it ends)."""
+        self.preemption.restore()
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -277,7 +279,7 @@ class Trainer:
     def fit(self, stop_at: int | None = None) -> dict[str, float]:
         """Train to train.max_steps (or return early after `stop_at` steps, as a crash would:
         no extra checkpoint, no final evaluation), then evaluate on the validation split and
-        mark the run dir DONE. On a preemption signal: checkpoint, then raise `Preempted`.
+        mark the run dir DONE. On SIGUSR2 or SIGTERM: checkpoint, then raise `Preempted`.
         However it ends, the run dir's lock is released."""
         try:
             return self._fit(stop_at)
@@ -328,7 +330,7 @@ class Trainer:
                     saved = self.save()
                 if preempted:
                     logger.close()
-                    raise Preempted(self.step, saved)
+                    raise Preempted(self.step, saved, requeue=preempted >= 2)
                 if stop_at is not None and self.step >= stop_at:
                     logger.close()
                     return {}
