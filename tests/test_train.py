@@ -149,12 +149,14 @@ def test_a_second_run_on_a_live_run_dir_stops_and_a_dead_ones_lock_does_not_stic
     code = f"from lflm_dist.train.run_lock import RunLock; import time; lock = RunLock({str(run)!r}).acquire(); print('held', flush=True); time.sleep(600)"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.stdout.readline().strip() == "held"
-    launch(tiny_data, run, "train.max_steps=3", expect=2)
-    p = launch(tiny_data, run, "train.max_steps=3", nproc=2, expect=1)  # torchrun: its workers exited 2
-    assert p.stderr.count("is in use by another training run") >= 2  # every rank stops, none waits forever
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        launch(tiny_data, run, "train.max_steps=3", expect=2)
+        p = launch(tiny_data, run, "train.max_steps=3", nproc=2, expect=1)  # torchrun: its workers exited 2
+        assert p.stderr.count("is in use by another training run") >= 2  # every rank stops, none waits forever
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     launch(tiny_data, run, "train.max_steps=4")  # the dead holder's lock is gone
     assert len(losses(run)) == 4
 
