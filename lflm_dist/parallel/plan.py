@@ -63,7 +63,7 @@ def param_layout(cfg: Config, tp: int = 1) -> dict:
     block = max((sum(local.get(id(q), (0, q.numel()))[1] for q in b.parameters()) for b in model.shard_units()),
                 default=0)
     return {"total": total, "per_tp_rank": per_rank, "frozen": frozen, "largest_block": block,
-            "shapes": shapes}
+            "shapes": shapes, "stacks": model.activation_stacks()}
 
 
 def _block_acts(net: TransformerConfig, T: int, B: int, e: int, tp: int, adaln: bool) -> float:
@@ -73,13 +73,16 @@ def _block_acts(net: TransformerConfig, T: int, B: int, e: int, tp: int, adaln: 
 
 
 def activation_bytes(cfg: Config, micro_batch: int, tp: int = 1, bf16: bool = True, checkpointing: bool = False,
-                     include_recompute: bool = True) -> float:
+                     include_recompute: bool = True, stacks: list[tuple] | None = None) -> float:
     """Activation bytes of one micro-batch. With checkpointing: block inputs kept in forward,
-    plus (include_recompute) one block's activations rebuilt during backward."""
-    from lflm_dist.models.registry import build_model
+    plus (include_recompute) one block's activations rebuilt during backward. `stacks`: the
+    family's transformer stacks (`activation_stacks()`, kept by `param_layout`); built on the
+    meta device when not given."""
+    if stacks is None:
+        from lflm_dist.models.registry import build_model
+        stacks = build_model(cfg.model, init_pretrained=False, device="meta").activation_stacks()
     e = 2 if bf16 else 4
     m, L, B = cfg.model, cfg.model.seq_len, micro_batch
-    stacks = build_model(m, init_pretrained=False, device="meta").activation_stacks()  # the family's transformer stacks
     V = m.vocab_size
     head = (3 * e * B * L * V + 4 * B * L * V) / tp  # logits, fp32 copy, softmax grad; vocab-parallel under TP
     if not checkpointing:
@@ -106,7 +109,7 @@ def plan(cfg: Config, strategy: str, gpus: int, tp: int = 1, micro_batch: int = 
         params = b * P / (N if stage == 3 else 1)
         grads = b * P / (N if stage >= 2 else 1)
         opt, other = 12 * P / N, (2 * b * lay["largest_block"] if stage == 3 else 0)
-    acts = activation_bytes(cfg, micro_batch, tp, bf16, checkpointing)
+    acts = activation_bytes(cfg, micro_batch, tp, bf16, checkpointing, stacks=lay["stacks"])
     return {"strategy": strategy, "tp": tp, "dp": N, "params": params, "grads": grads, "optimizer": opt,
             "other": other, "activations": acts, "total": params + grads + opt + other + acts}
 
