@@ -6,6 +6,7 @@ Examples:
         --out data/shakespeare/tokenizer.json --vocab-size 2048
     python data_tools/train_tokenizer.py --gpt2-vocab vocab.json --gpt2-merges merges.txt \
         --out data/gpt2/tokenizer.json
+    python data_tools/train_tokenizer.py --input input.txt --out data/char/tokenizer.json --characters
 
 Train on the training split only, so validation text does not shape the vocabulary.
 """
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--gpt2-vocab", help="GPT-2 vocab.json (use with --gpt2-merges instead of --input)")
     ap.add_argument("--gpt2-merges", help="GPT-2 merges.txt")
     ap.add_argument("--out", required=True, help="tokenizer.json to write")
+    ap.add_argument("--characters", action="store_true",
+                    help="one token per character of the --input text (nanoGPT's shakespeare_char) instead of BPE")
     ap.add_argument("--vocab-size", type=int, default=2048, help="vocabulary size incl. <|endoftext|> (default 2048)")
     args = ap.parse_args(argv)
 
@@ -36,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.gpt2_merges:
             ap.error("--gpt2-merges needs --gpt2-vocab (not --input)")
         docs = read_documents(args.input)
-        tok = Tokenizer.train((text for _, text in docs), vocab_size=args.vocab_size)
+        texts = [text for _, text in docs]
+        tok = Tokenizer.characters(texts) if args.characters else Tokenizer.train(texts, vocab_size=args.vocab_size)
     tok.save(args.out)
     print(f"wrote {args.out}: vocab_size={tok.vocab_size} eos_id={tok.eos_id} sha256={tok.sha256}")
     return 0

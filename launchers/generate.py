@@ -10,7 +10,10 @@ the AR baseline decodes token by token with a KV cache. Sampling settings defaul
 Latent tools, for families with one latent per text (LFLM):
   --reconstruct TEXT            greedy decode of the text's posterior mean (any latent family)
   --interpolate A B [--points N] decodes along the path between the latents of texts A and B
-  --arithmetic A B C            decode of latent(A) - latent(B) + latent(C)"""
+  --arithmetic A B C            decode of latent(A) - latent(B) + latent(C)
+Continuous-space editing (TarFlowLM):
+  --edit TEXT OLD NEW           replace the first OLD in TEXT by NEW (as many tokens) in latent
+                                space and re-decode what follows from the text's own base noise"""
 from __future__ import annotations
 
 import argparse
@@ -40,13 +43,15 @@ def main() -> int:
     p.add_argument("--interpolate", nargs=2, metavar=("A", "B"), default=None, help="interpolate between two texts")
     p.add_argument("--points", type=int, default=5, help="points of --interpolate, endpoints included")
     p.add_argument("--arithmetic", nargs=3, metavar=("A", "B", "C"), default=None, help="decode z(A) - z(B) + z(C)")
+    p.add_argument("--edit", nargs=3, metavar=("TEXT", "OLD", "NEW"), default=None,
+                   help="replace OLD by NEW in TEXT in latent space; what follows is re-generated")
     a = p.parse_args()
     try:
         model, cfg, tok = load_run(a.run, a.device)
     except (FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if a.reconstruct is not None or a.interpolate or a.arithmetic:
+    if a.reconstruct is not None or a.interpolate or a.arithmetic or a.edit:
         return latent_tools(model, tok, a)
     if not can_sample(model):
         print(f"error: {a.run}: {model.sampling_unavailable()}", file=sys.stderr)
@@ -79,6 +84,20 @@ def latent_tools(model, tok, a) -> int:
         if a.arithmetic:
             x, y, z = a.arithmetic
             print(f"z({x!r}) - z({y!r}) + z({z!r}) -> {show(model.latent_arithmetic(ids(x), ids(y), ids(z))[0])!r}")
+        if a.edit:
+            text, old, new = a.edit
+            i = text.find(old)
+            if i < 0:
+                print(f"error: --edit: {old!r} does not occur in {text!r}", file=sys.stderr)
+                return 2
+            pre, old_ids, new_ids = tok.encode(text[:i]), tok.encode(old), tok.encode(new)
+            if len(old_ids) != len(new_ids):
+                print(f"error: --edit keeps the text's length: {old!r} is {len(old_ids)} tokens, {new!r} is "
+                      f"{len(new_ids)}", file=sys.stderr)
+                return 2
+            x = torch.tensor([pre + old_ids + tok.encode(text[i + len(old):])], device=dev)
+            out = model.edit(x, len(pre), torch.tensor([new_ids], device=dev))
+            print(f"[in    ] {text!r}\n[edited] {show(out[0].tolist())!r}")
     except NotImplementedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -124,8 +124,36 @@ class LFLMConfig:
 
 
 @dataclass
+class FlowBlockConfig:
+    """One autoregressive flow block of TarFlowLM's prior (a causal transformer conditioner)."""
+    coupling: str = "mix1"  # affine | mix1 (1-D Mixture-CDF per dim) | rosenblatt (first block only)
+    n_layers: int = 2  # transformer layers of this block's conditioner
+    components: int = 16  # mix1: mixture components per dimension (rosenblatt: the vocabulary, tied)
+
+
+@dataclass
+class TarFlowConfig:
+    """TarFlowLM: a Gaussian codebook q(z|x=k) = N(mu_k, sigma_k^2 I) tied to the decoder, and a
+    prior of stacked autoregressive flows (alternating direction) to N(0, I); exact ELBO."""
+    latent_dim: int = 5  # d per token (paper: 5 for text8, 16 for OpenWebText)
+    init_std: float = 0.5  # sigma_k at initialisation (means start N(0, 1))
+    patch_size: int = 1  # K tokens per flow position (block-wise generation); rosenblatt needs 1
+    dim: int = 128  # width of every block's conditioner transformer
+    n_heads: int = 4
+    ffn_mult: float = 4.0
+    made_hidden: int = 0  # hidden units of the within-token MADE (0: dim)
+    blocks: list[FlowBlockConfig] = field(default_factory=lambda: [
+        FlowBlockConfig("rosenblatt", 2), FlowBlockConfig("mix1", 1), FlowBlockConfig("mix1", 1)])
+    # progressive training: the codebook and the first frozen_blocks blocks load from init_from (a run
+    # dir or checkpoint of the previous stage) and stay frozen while the later blocks train
+    frozen_blocks: int = 0
+    init_from: str = ""
+    inverse_tol: float = 1e-5  # bisection tolerance of the mixture inverses (sampling)
+
+
+@dataclass
 class ModelConfig:
-    family: str = "cola"  # a registered family: cola | ar | lflm (lflm_dist.models.registry)
+    family: str = "cola"  # a registered family: cola | ar | lflm | tarflow (lflm_dist.models.registry)
     vocab_size: int = 0  # 0: taken from the tokenizer
     seq_len: int = 64
     # attention kernels: auto (SDPA is_causal for causal masks; FlexAttention with a BlockMask for
@@ -136,6 +164,7 @@ class ModelConfig:
     cola: ColaConfig = field(default_factory=ColaConfig)
     ar: ARConfig = field(default_factory=ARConfig)
     lflm: LFLMConfig = field(default_factory=LFLMConfig)
+    tarflow: TarFlowConfig = field(default_factory=TarFlowConfig)
 
 
 @dataclass

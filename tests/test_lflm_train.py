@@ -13,9 +13,7 @@ import sys
 import pytest
 import torch
 
-from lflm_dist.config import load_config
-from lflm_dist.train.trainer import Trainer
-from test_train import ROOT, launch as launch_run, losses
+from test_train import ROOT, cut_and_resume, launch as launch_run, losses
 
 CONFIG = "configs/lflm_tiny.yaml"
 TINY = ["model.seq_len=32", "model.lflm.embed_dim=32", "model.lflm.encoder_hidden=32", "model.lflm.latent_dim=8",
@@ -71,13 +69,9 @@ def test_lflm_strategy_matches_one_process_and_resumes(name, reference, tiny_dat
 
 
 def test_lflm_interrupted_run_resumes_bit_identically(tiny_data, tmp_path):
-    def cfg(run):
-        return load_config(ROOT / CONFIG, TINY + STEPS + [f"data.path={tiny_data}", f"run.dir={run}", "sample.num_samples=0"])
-    Trainer(cfg(tmp_path / "full")).fit()
-    Trainer(cfg(tmp_path / "cut")).fit(stop_at=3)  # a crash after step 3: the checkpoint is at step 2
-    Trainer(cfg(tmp_path / "cut")).fit()
-    assert losses(tmp_path / "cut")[-2:] == losses(tmp_path / "full")[-2:]
-    assert metric(tmp_path / "cut", "kl")[-2:] == metric(tmp_path / "full", "kl")[-2:]
+    full, cut = cut_and_resume(CONFIG, TINY + STEPS, tiny_data, tmp_path)  # the checkpoint is at step 2
+    assert losses(cut)[-2:] == losses(full)[-2:]
+    assert metric(cut, "kl")[-2:] == metric(full, "kl")[-2:]
 
 
 def test_lflm_tensor_parallel_fails_at_start_up_naming_the_family(tiny_data, tmp_path):

@@ -36,6 +36,18 @@ def train_inproc(data, run_dir, *extra, stop_at=None):
     return Trainer(cfg).fit(stop_at=stop_at)
 
 
+def cut_and_resume(config, base, data, tmp_path, stop_at=3):
+    """Train `full` uninterrupted and `cut` stopped after step `stop_at` (as a crash would, past its
+    last checkpoint) then resumed by the same command; returns (full, cut) run dirs."""
+    def cfg(run):
+        return load_config(ROOT / config, [*base, f"data.path={data}", f"run.dir={run}", "sample.num_samples=0"])
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    Trainer(cfg(full)).fit()
+    Trainer(cfg(cut)).fit(stop_at=stop_at)
+    Trainer(cfg(cut)).fit()
+    return full, cut
+
+
 def launch(data, run_dir, *extra, nproc=1, expect=0, config="configs/cola_tiny.yaml", base=TINY):
     """Run launchers/pretrain.py as a user would: plain python for 1 process, torchrun for more."""
     args = [str(ROOT / "launchers/pretrain.py"), "--config", str(ROOT / config),

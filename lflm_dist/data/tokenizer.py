@@ -28,6 +28,10 @@ class Tokenizer:
         # document boundaries, and decode(encode(s)) == s holds for every string.
         hf.encode_special_tokens = True
         self._hf = hf
+        # character-level tokenizers (`characters`): the characters they encode; None: byte-level
+        self.alphabet: set[str] | None = None
+        if hf.decoder is not None and type(hf.decoder).__name__ == "Fuse":
+            self.alphabet = {c for c in hf.get_vocab() if c != EOS}
         self.eos_id: int = eos
         self.vocab_size: int = hf.get_vocab_size(with_added_tokens=True)
         # Hash of the canonical serialization (not the file bytes), so load(save(t)) keeps it.
@@ -67,6 +71,21 @@ class Tokenizer:
         return cls(hf, source="<trained>")
 
     @classmethod
+    def characters(cls, texts: Iterable[str]) -> "Tokenizer":
+        """One token per character (nanoGPT's shakespeare_char): <|endoftext|> is id 0, then the
+        characters seen in `texts`, sorted. A BPE model without merges or pre-tokenizer splits a
+        string into its characters; a character outside the vocabulary is an error at encode time
+        (not byte-level: it has no fallback)."""
+        chars = sorted(set().union(*(set(t) for t in texts)))
+        vocab = {EOS: 0, **{c: i + 1 for i, c in enumerate(chars)}}
+        hf = _HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+        hf.add_special_tokens([EOS])
+        hf.decoder = decoders.Fuse()
+        tok = cls(hf, source="<characters>")
+        tok.alphabet = set(chars)
+        return tok
+
+    @classmethod
     def from_gpt2(cls, vocab_json: str | os.PathLike, merges_txt: str | os.PathLike) -> "Tokenizer":
         for p in (vocab_json, merges_txt):
             if not Path(p).is_file():
@@ -84,11 +103,17 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ use
     def encode(self, text: str) -> list[int]:
-        return self._hf.encode(text, add_special_tokens=False).ids
+        return self._checked(text, self._hf.encode(text, add_special_tokens=False).ids)
+
+    def _checked(self, text: str, ids: list[int]) -> list[int]:
+        if self.alphabet is not None and len(ids) != len(text):  # a BPE without unk drops unknown characters
+            unknown = sorted(set(text) - self.alphabet)
+            raise ValueError(f"characters {unknown[:10]} are not in this character-level tokenizer's vocabulary")
+        return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Like encode, but the Rust side runs the texts in parallel."""
-        return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+        return [self._checked(t, e.ids) for t, e in zip(texts, self._hf.encode_batch(texts, add_special_tokens=False))]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._hf.decode([int(i) for i in ids], skip_special_tokens=False)  # accepts numpy/torch ids

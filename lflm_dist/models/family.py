@@ -20,6 +20,7 @@ device and materialised by `lflm_dist.models.init`. What a family must provide:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -176,6 +177,17 @@ class ModelFamily(nn.Module):
         return None
 
     # ------------------------------------------------------------------ generation
+    @contextlib.contextmanager
+    def _inference(self):
+        """eval mode and no autograd for a sampling or latent-tool call; the mode is restored after."""
+        was = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.train(was)
+
     def sampling_unavailable(self) -> str | None:
         """Why this model cannot sample (e.g. a stage-1 VAE without a prior), else None."""
         return None
@@ -195,6 +207,11 @@ class ModelFamily(nn.Module):
     def latent_arithmetic(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> list[list[int]]:
         """Greedy decode of latent(a) - latent(b) + latent(c)."""
         raise NotImplementedError(f"the {self.family} family has no single latent per text for latent arithmetic")
+
+    def edit(self, tokens: torch.Tensor, start: int, replacement: torch.Tensor) -> torch.Tensor:
+        """Continuous-space editing: tokens [1, T] with positions start.. overwritten by
+        `replacement` [1, R] and what follows re-generated to fit the change -> tokens [1, T]."""
+        raise NotImplementedError(f"the {self.family} family has no continuous-space editing")
 
     # ------------------------------------------------------------------ parallel layer and export
     def shard_units(self) -> list[nn.Module]:

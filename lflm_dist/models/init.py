@@ -11,7 +11,8 @@ parameter in full.
 
 The distributions are PyTorch's defaults: nn.Linear weight and bias U(±1/sqrt(fan_in)),
 nn.Embedding N(0, 1), RMSNorm gain 1, nn.LSTM weights and biases U(±1/sqrt(hidden_size));
-modules marked by `zero_init` (adaLN-Zero) start at 0.
+modules marked by `zero_init` (adaLN-Zero) start at 0; a module with an `init_param(name, shape,
+generator)` method draws its own parameters (TarFlowLM's Gaussian codebook).
 Buffers are reset by their module's `reset_buffers()`.
 """
 from __future__ import annotations
@@ -44,6 +45,8 @@ def init_value(module: nn.Module, pname: str, shape: torch.Size, gen: torch.Gene
     cpu = torch.device("cpu")
     if getattr(module, "zero_init", False):
         return torch.zeros(shape, device=cpu)
+    if hasattr(module, "init_param"):  # a module's own rule for its own parameters (TarFlowLM's codebook)
+        return module.init_param(pname.rsplit(".", 1)[-1], shape, gen).to(cpu)
     if isinstance(module, nn.Linear):
         bound = 1.0 / math.sqrt(module.in_features)
         return torch.empty(shape, device=cpu).uniform_(-bound, bound, generator=gen)

@@ -20,7 +20,6 @@ solvers (their step sizes follow the error of the whole batch; equal within rtol
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 
@@ -276,16 +275,6 @@ class LFLM(ModelFamily):
         return Bound(nll=nll, kind=self.likelihood_kind(s), terms=terms, nfe=nfe)
 
     # ------------------------------------------------------------------ generation and latent tools
-    @contextlib.contextmanager
-    def _inference(self):
-        was = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            self.train(was)
-
     def _prior(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
         dev = self.head.weight.device
         g_dev = generator.device if generator is not None else torch.device("cpu")

@@ -1,7 +1,7 @@
 """Model family name -> model class (a `lflm_dist.models.family.ModelFamily`). The trainer,
 evaluation, generation, export, the parallel layer and sweeps see only that interface.
 A family's config is its own section of `ModelConfig` (Cola: model.vae, model.dit, model.cola;
-AR: model.ar; LFLM: model.lflm), chosen by model.family; see docs/adding_a_family.md."""
+AR: model.ar; LFLM: model.lflm; TarFlowLM: model.tarflow), chosen by model.family; see docs/adding_a_family.md."""
 from __future__ import annotations
 
 import torch
@@ -14,8 +14,9 @@ from lflm_dist.models.cola import ColaDLM
 from lflm_dist.models.family import ModelFamily
 from lflm_dist.models.init import load_pretrained, materialize
 from lflm_dist.models.lflm import LFLM
+from lflm_dist.models.tarflow import TarFlowLM
 
-FAMILIES: dict[str, type[ModelFamily]] = {"cola": ColaDLM, "ar": ARTransformer, "lflm": LFLM}
+FAMILIES: dict[str, type[ModelFamily]] = {"cola": ColaDLM, "ar": ARTransformer, "lflm": LFLM, "tarflow": TarFlowLM}
 
 
 def family_class(name: str) -> type[ModelFamily]:
