@@ -36,6 +36,9 @@ class DataConfig:
     valid_split: str = "valid"
     num_workers: int = 2
     loader: str = "indexed"  # indexed (global sample order, world-size independent) | stream
+    # a sample whose bytes fail the manifest's checksum, an unreadable or missing shard: error (stop, naming
+    # the shard and sample) | skip (another sample takes its place; counted as skipped_samples)
+    on_corrupt: str = "error"
 
 
 @dataclass
@@ -180,11 +183,21 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     ckpt_every: int = 50
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest ones kept (older ones deleted once a new one is complete)
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
+    # seconds from SIGUSR2 / SIGTERM to exit: if the step and its checkpoint are not done by then, exit
+    # without them (the previous checkpoint stays the newest); 0: no limit. Keep it under SLURM's
+    # --signal lead time, so the job ends on its own terms rather than by SIGKILL.
+    preempt_grace_s: float = 0.0
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate only at the end
     eval_batches: int = 4
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    # a step whose loss or gradient norm is not finite is skipped (no update; counted as skipped_nonfinite,
+    # its global sample indices appended to RUN_DIR/nonfinite_batches.jsonl); this many in a row stop the
+    # run, the newest checkpoint being from before them. 0: stop at the first. DeepSpeed always stops.
+    nonfinite_patience: int = 3
+    inject_nonfinite_steps: list[int] = field(default_factory=list)  # fault injection: NaN loss at these steps
 
 
 @dataclass
@@ -233,8 +246,11 @@ class Config:
         _choice("parallel.strategy", self.parallel.strategy, ("ddp", "fsdp2", "deepspeed"))
         self._validate_parallel()
         _choice("data.loader", self.data.loader, ("indexed", "stream"))
+        _choice("data.on_corrupt", self.data.on_corrupt, ("error", "skip"))
         _choice("train.precision", self.train.precision, ("auto", "fp32", "bf16"))
         _choice("run.wandb_mode", self.run.wandb_mode, ("offline", "online", "disabled"))
+        if self.train.nonfinite_patience < 0:
+            raise ConfigError(f"train.nonfinite_patience must be >= 0, got {self.train.nonfinite_patience}")
         for key in ("train.max_steps", "train.global_batch_size", "train.grad_accum", "train.ckpt_every",
                     "model.seq_len"):
             if get_dotted(self, key) <= 0:

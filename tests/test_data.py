@@ -307,6 +307,57 @@ def test_corrupt_shards_are_named(syn, tmp_path):
     assert tool("inspect_shards").main([str(garbled)]) == 1
 
 
+def flip_sample_bytes(split: Path, shard: str, sample: int) -> None:
+    """Change one token of `sample`'s payload in place, keeping the file's size (a flipped bit on
+    disk or in transit): only the per-sample checksum can tell."""
+    import tarfile
+    path = split / shard
+    with tarfile.open(path) as tf:
+        m = next(m for m in tf if m.name.startswith(f"{sample:09d}."))
+    data = bytearray(path.read_bytes())
+    data[m.offset_data + m.size - 4] ^= 0x01  # the last id's low byte: still a valid id
+    path.write_bytes(bytes(data))
+
+
+def epoch_batches(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+@pytest.mark.parametrize("mode", ["indexed", "stream"])
+def test_flipped_bytes_stop_naming_shard_and_sample_or_are_skipped_and_counted(syn, tmp_path, mode):
+    workers = 2 if mode == "stream" else 0
+
+    def epoch(split, **kw):
+        loader = TokenBatches(split, global_batch_size=8, mode=mode, num_workers=workers, **kw)
+        return epoch_batches(loader, loader.steps_per_epoch)
+
+    clean = epoch(syn)
+    victim = [i for b in clean for i in ids(b)][5]  # a sample this epoch reads
+    bad = shutil.copytree(syn, tmp_path / "flipped")
+    flip_sample_bytes(bad, f"shard-{victim // 7:06d}.tar", victim)  # 7 samples per shard
+    with pytest.raises(ShardError, match=rf"shard-{victim // 7:06d}.tar sample 0*{victim}: checksum mismatch"):
+        epoch(bad)
+    got = epoch(bad, on_corrupt="skip")
+    assert sum(b["corrupt_skipped"] for b in got) == 1 and sum(b["corrupt_skipped"] for b in clean) == 0
+    assert [b["input_ids"].shape for b in got] == [b["input_ids"].shape for b in clean]  # the position holds
+    assert victim not in [i for b in got for i in ids(b)]  # every row is an intact sample, never the bad one
+
+
+def test_missing_and_truncated_shards_can_be_skipped_sample_by_sample(syn, tmp_path, capsys):
+    bad = shutil.copytree(syn, tmp_path / "holes")
+    (bad / "shard-000003.tar").unlink()  # samples 21..27
+    shard = bad / "shard-000001.tar"  # samples 7..13
+    shard.write_bytes(shard.read_bytes()[:3000])
+    loader = TokenBatches(bad, global_batch_size=8, num_workers=0, on_corrupt="skip")
+    assert "shard-000003.tar" in capsys.readouterr().out
+    got = epoch_batches(loader, 6)
+    seen = {i for b in got for i in ids(b)}
+    assert not seen & (set(range(7, 14)) | set(range(21, 28)))
+    assert sum(b["corrupt_skipped"] for b in got) == len([i for i in epoch_permutation(50, 0, 0)[:48].tolist()
+                                                          if 7 <= i < 14 or 21 <= i < 28])
+
+
 # ----------------------------------------------------------------------------- command lines
 @pytest.mark.parametrize("name", ["fetch_corpus", "train_tokenizer", "make_shards", "inspect_shards"])
 def test_cli_help(name, capsys):

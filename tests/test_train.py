@@ -106,12 +106,43 @@ def test_ddp_two_processes_match_one_process_and_resume_across_world_sizes(tiny_
     assert losses(two) == pytest.approx(losses(one), rel=1e-4)
 
 
-def test_non_finite_loss_stops_with_a_clear_error_and_keeps_checkpoints(tiny_data, tmp_path):
+def test_non_finite_steps_in_a_row_stop_with_a_clear_error_keeping_the_checkpoint_before_them(tiny_data, tmp_path):
     run = tmp_path / "nan"
     train_inproc(tiny_data, run, "train.max_steps=2", "train.ckpt_every=2")
-    p = launch(tiny_data, run, "train.max_steps=4", "model.vae.beta=.nan", expect=2)
-    assert "non-finite loss at step 3" in p.stderr and "intact" in p.stderr
-    assert latest_checkpoint(run).name == "step_00000002"
+    p = launch(tiny_data, run, "train.max_steps=8", "train.ckpt_every=2", "model.vae.beta=.nan", expect=2)
+    assert "non-finite loss or gradient at step 5" in p.stderr and "3 steps in a row, 3..5" in p.stderr
+    assert "from before them" in p.stderr
+    assert latest_checkpoint(run).name == "step_00000002"  # step 4 fell inside the run: not written
+    rows = [json.loads(ln) for ln in (run / "nonfinite_batches.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 4, 5] and all(len(r["sample_indices"]) == 8 for r in rows)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_non_finite_step_is_skipped_and_counted(tiny_data, tmp_path, nproc):
+    """A NaN injected into step 3's loss (so its gradients are NaN too): no update at that step on
+    any rank, the weights after it are those after step 2, training goes on, the count is logged."""
+    run = tmp_path / "skip"
+    launch(tiny_data, run, "train.max_steps=5", "train.ckpt_every=1", "train.keep_checkpoints=10",
+           "train.inject_nonfinite_steps=[3]", nproc=nproc)
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in rows if "loss" in r}
+    assert steps[3]["loss"] != steps[3]["loss"] and [steps[k]["skipped_nonfinite"] for k in (2, 3, 5)] == [0, 1, 1]
+    assert all(steps[k]["loss"] == steps[k]["loss"] for k in (1, 2, 4, 5))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")) == [
+        f"step_{k:08d}" for k in (1, 2, 4, 5)]  # none inside the skipped run
+    rec = [json.loads(ln) for ln in (run / "nonfinite_batches.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rec] == [3] and len(rec[0]["sample_indices"]) == 8
+
+
+def test_a_skipped_step_leaves_weights_and_optimizer_state_untouched(tiny_data, tmp_path):
+    cfg = load_config(ROOT / "configs/cola_tiny.yaml", overrides(tiny_data, tmp_path / "r", "train.max_steps=3",
+                                                                  "train.ckpt_every=2", "train.inject_nonfinite_steps=[3]"))
+    trainer = Trainer(cfg)
+    trainer.fit(stop_at=3)
+    after = getattr(trainer.model, "module", trainer.model).state_dict()
+    w2 = load_file(str(tmp_path / "r" / "checkpoints" / "step_00000002" / "model.safetensors"))
+    assert all(torch.equal(after[k], w2[k]) for k in w2)
+    assert all(p.grad is None for p in trainer.model.parameters())
 
 
 def test_launcher_reports_config_and_data_errors(tiny_data, tmp_path):
@@ -121,6 +152,52 @@ def test_launcher_reports_config_and_data_errors(tiny_data, tmp_path):
     assert "tokenizer.json not found" in p.stderr
     p = launch(tiny_data, tmp_path / "r", "model.seq_len=16", expect=2)
     assert "seq_len" in p.stderr
+
+
+def test_corrupt_sample_stops_naming_it_or_is_skipped_and_counted(tiny_data, tmp_path):
+    """A sample whose bytes changed on disk (same file size) that step 1 reads: data.on_corrupt=error
+    stops before any update naming the shard and the sample; skip trains on, counting it."""
+    import shutil
+    import tarfile
+    from lflm_dist.data.loader import TokenBatches
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    victim = TokenBatches(data / "train", global_batch_size=8, num_workers=0).global_indices(0)[0]
+    shard = data / "train" / f"shard-{victim // 256:06d}.tar"  # tiny_data: 256 samples per shard
+    with tarfile.open(shard) as tf:
+        m = next(m for m in tf if m.name.startswith(f"{victim:09d}."))
+    raw = bytearray(shard.read_bytes())
+    raw[m.offset_data + m.size - 4] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    p = launch(data, tmp_path / "err", "train.max_steps=2", expect=2)
+    assert f"{shard.name} sample {victim}: checksum mismatch" in p.stderr
+    assert not (tmp_path / "err" / "checkpoints").exists()
+    launch(data, tmp_path / "skip", "train.max_steps=3", "data.on_corrupt=skip")
+    rows = [json.loads(ln) for ln in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_samples"] for r in rows if "loss" in r] == [1, 1, 1]
+
+
+def test_data_from_another_tokenizer_is_refused_before_training(tiny_data, tmp_path):
+    import shutil
+    from lflm_dist.data.tokenizer import Tokenizer
+    run = tmp_path / "run"
+    launch(tiny_data, run, "train.max_steps=2")
+    other = shutil.copytree(tiny_data, tmp_path / "other")
+    Tokenizer.train(["a different corpus entirely, with other merges"] * 20, vocab_size=300).save(other / "tokenizer.json")
+    p = launch(other, tmp_path / "fresh", "train.max_steps=2", expect=2)
+    assert "records tokenizer_sha256" in p.stderr and "written with another tokenizer" in p.stderr
+    # consistent data, but not the tokenization the run started with: resuming on it is refused
+    from conftest import tiny_documents
+    from lflm_dist.data import split_documents
+    from lflm_dist.data.shards import write_shards
+    retok = tmp_path / "retok"
+    train, valid = split_documents(tiny_documents(), valid_fraction=0.1, seed=0)
+    tok = Tokenizer.train([t for _, t in train], vocab_size=320)
+    tok.save(retok / "tokenizer.json")
+    for split, docs in (("train", train), ("valid", valid)):
+        write_shards(docs, tok, retok / split, seq_len=32, samples_per_shard=256)
+    p = launch(retok, run, "train.max_steps=4", expect=2)
+    assert "was trained with the tokenizer in" in p.stderr and "differently tokenized data" in p.stderr
+    launch(retok, tmp_path / "new_run", "train.max_steps=1")  # the data itself is fine
 
 
 def test_run_dir_has_config_metrics_wandb_and_plot(tiny_data, tmp_path):
@@ -200,3 +277,36 @@ def test_sigterm_finishes_the_step_checkpoints_and_stops_without_requeue(tiny_da
     before = signal.getsignal(signal.SIGTERM)
     train_inproc(tiny_data, tmp_path / "inproc", "train.max_steps=1")
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_grace_period_that_runs_out_exits_without_a_half_written_checkpoint(tiny_data, tmp_path):
+    """train.preempt_grace_s shorter than a step: the process exits 143 by itself, saying so, and the
+    newest checkpoint stays the previous one (a run resumes from it)."""
+    import signal
+    import time
+    run = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "launchers/pretrain.py"), "--config", str(ROOT / "configs/cola_tiny.yaml"),
+            *overrides(tiny_data, run, "train.max_steps=400", "train.ckpt_every=2", "train.global_batch_size=64",
+                       "train.preempt_grace_s=1e-6")]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    metrics = run / "metrics.jsonl"
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 143 and "train.preempt_grace_s=1e-06 s ran out" in err, out[-2000:] + err[-2000:]
+    assert "stopped after step" not in out  # the signal's own checkpoint never completed
+    newest = int(latest_checkpoint(run).name.split("_")[1])
+    assert newest % 2 == 0 and len(losses(run)) >= newest  # a regular one, from before the signal
+    p = launch(tiny_data, run, f"train.max_steps={newest + 1}", "train.global_batch_size=64", "train.ckpt_every=2")
+    assert f"at step {newest}" in p.stdout
+
+
+def test_retention_keeps_the_newest_and_every_mth_checkpoint(tiny_data, tmp_path):
+    run = tmp_path / "kept"
+    train_inproc(tiny_data, run, "train.max_steps=7", "train.ckpt_every=1", "train.keep_checkpoints=2",
+                 "train.keep_every=3")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        f"step_{k:08d}" for k in (3, 6, 7)]  # 6 and 7 the newest two, 3 a multiple of 3

@@ -10,6 +10,14 @@ Two modes for training (`TokenBatches`):
 * ``stream``: WebDataset reads whole shards sequentially, shards shuffled per epoch and
   split over ranks and workers. Less random access, but its order depends on world size
   and worker count, so it resumes exactly only with both unchanged.
+
+Corrupt data (`on_corrupt`): every sample's bytes are checked against the manifest's crc32 and
+its ids against the vocabulary. "error" stops naming the shard and the sample. "skip" puts
+another sample in its place, so batch shapes and the resume position are unchanged, and counts
+it (`corrupt_skipped` in the batch; the trainer logs the total): indexed mode takes the next
+readable sample in split order, stream mode the worker's previous good sample (an all-EOS row
+if it has none yet). A missing or truncated shard is then skipped sample by sample too (a
+warning names it at start-up); a tar that breaks mid-stream in stream mode still stops the run.
 """
 from __future__ import annotations
 
@@ -49,10 +57,15 @@ def _per_rank(global_batch_size: int, rank: int, world_size: int) -> int:
     return global_batch_size // world_size
 
 
-def _open_split(split_dir: str | os.PathLike, seq_len: int | None) -> dict:
+ON_CORRUPT = ("error", "skip")
+_MAX_REPLACEMENTS = 1000  # consecutive unreadable samples before "skip" gives up
+
+
+def _open_split(split_dir: str | os.PathLike, seq_len: int | None, strict: bool = True) -> dict:
     manifest = read_manifest(split_dir)
     check_seq_len(manifest, seq_len, split_dir)
-    check_shard_files(split_dir, manifest)  # a truncated shard fails here, naming the file
+    for problem in check_shard_files(split_dir, manifest, strict):  # strict: a truncated shard fails here
+        print(f"[data] warning: {problem}; its samples are skipped (data.on_corrupt=skip)", flush=True)
     return manifest
 
 
@@ -62,14 +75,24 @@ def _as_long(row: np.ndarray) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- indexed
 class _Samples(Dataset):
-    def __init__(self, index: ShardIndex):
-        self.index = index
+    """Sample i as (row, 1 if it replaced an unreadable sample else 0)."""
+
+    def __init__(self, index: ShardIndex, skip: bool):
+        self.index, self.skip = index, skip
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return _as_long(self.index[i])
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if not self.skip:
+            return _as_long(self.index[i]), 0
+        for j in range(min(len(self.index), _MAX_REPLACEMENTS)):
+            try:
+                return _as_long(self.index[(i + j) % len(self.index)]), int(j > 0)
+            except ShardError as e:
+                last = e
+        raise ShardError(f"{last}; and the {_MAX_REPLACEMENTS} samples after sample {i} are unreadable too: "
+                         "data.on_corrupt=skip gives up")
 
 
 class _RankSlices:
@@ -98,11 +121,38 @@ def _split_by_rank(src, rank: int, world_size: int):
     yield from itertools.islice(src, rank, None, world_size)
 
 
-def _decode_stream_sample(sample: dict, seq_len: int) -> torch.Tensor:
-    where = f"shard {sample.get('__url__')} key {sample.get('__key__')}"
-    if FIELD not in sample:
-        raise ShardError(f"{where}: no {FIELD} member; the shard was not written by make_shards.py")
-    return _as_long(decode_sample(sample[FIELD], where, seq_len))
+class _StreamDecoder:
+    """webdataset sample -> (row, skipped), checking the manifest's crc32 (keys are global sample
+    indices) and the vocabulary; with skip, a bad sample becomes this worker's previous good one."""
+
+    def __init__(self, manifest: dict, skip: bool):
+        self.seq_len, self.vocab, self.eos, self.skip = manifest["seq_len"], manifest["vocab_size"], manifest["eos_id"], skip
+        self.crc = {}
+        first = 0
+        for e in manifest["shards"]:
+            for j, c in enumerate(e.get("crc32", [])):
+                self.crc[first + j] = c
+            first += e["num_samples"]
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, sample: dict) -> tuple[torch.Tensor, int]:
+        where = f"shard {sample.get('__url__')} sample {sample.get('__key__')}"
+        try:
+            if FIELD not in sample:
+                raise ShardError(f"{where}: no {FIELD} member; the shard was not written by make_shards.py")
+            key = sample.get("__key__", "")
+            crc = self.crc.get(int(key)) if str(key).isdigit() else None
+            row = _as_long(decode_sample(sample[FIELD], where, self.seq_len, crc, self.vocab))
+        except ShardError:
+            if not self.skip:
+                raise
+            return (self.last if self.last is not None else torch.full((self.seq_len,), self.eos)), 1
+        self.last = row
+        return row, 0
+
+
+def _collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([r for r, _ in samples]), torch.tensor(sum(k for _, k in samples))
 
 
 def _reraise_naming_shard(exn: Exception) -> bool:
@@ -146,11 +196,15 @@ class TokenBatches:
     global step `self.step` on; `state_dict()` after a batch resumes right after it."""
 
     def __init__(self, split_dir, *, global_batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, num_workers: int = 2, mode: str = "indexed", seq_len: int | None = None):
+                 seed: int = 0, num_workers: int = 2, mode: str = "indexed", seq_len: int | None = None,
+                 on_corrupt: str = "error"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
+        self.skip = on_corrupt == "skip"
         self.split_dir = Path(split_dir)
-        self.manifest = _open_split(self.split_dir, seq_len)
+        self.manifest = _open_split(self.split_dir, seq_len, strict=not self.skip)
         self.seq_len: int = self.manifest["seq_len"]
         self.num_samples: int = self.manifest["num_samples"]
         self.batch_size = _per_rank(global_batch_size, rank, world_size)  # per rank
@@ -161,7 +215,7 @@ class TokenBatches:
             self.steps_per_epoch = self.num_samples // global_batch_size
             # Scan tar headers here, once: workers inherit the index, and a corrupt shard
             # fails now in this process rather than later inside a worker.
-            self._index = ShardIndex(self.split_dir, self.manifest).scan_all()
+            self._index = ShardIndex(self.split_dir, self.manifest).scan_all(skip_bad=self.skip)
         else:
             sizes = [s["num_samples"] for s in self.manifest["shards"]]
             self.steps_per_epoch = stream_steps_per_epoch(sizes, world_size, num_workers, self.batch_size)
@@ -176,14 +230,14 @@ class TokenBatches:
 
     def __iter__(self) -> Iterator[dict]:
         batches = self._indexed() if self.mode == "indexed" else self._stream()
-        for batch in batches:
+        for batch, skipped in batches:
             self.step += 1  # before the yield: a checkpoint taken after this batch skips it
-            yield {"input_ids": batch}
+            yield {"input_ids": batch, "corrupt_skipped": int(skipped.sum())}
 
-    def _indexed(self) -> Iterator[torch.Tensor]:
+    def _indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         sampler = _RankSlices(self.num_samples, self.global_batch_size, self.rank, self.world_size,
                               self.seed, start_step=self.step)
-        dataset = _Samples(self._index)
+        dataset = _Samples(self._index, self.skip)
         # Workers fetch whole batches in parallel; DataLoader returns them in sampler order.
         yield from DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers)
 
@@ -197,11 +251,11 @@ class TokenBatches:
                                                           world_size=self.world_size),
                            workersplitter=wds.split_by_worker, empty_check=False)
             .shuffle(_STREAM_SHUFFLE_BUFFER, seed=_epoch_seed(self.seed, epoch) * 1009 + self.rank)
-            .map(functools.partial(_decode_stream_sample, seq_len=self.seq_len))
-            .batched(self.batch_size, collation_fn=torch.stack, partial=False))
+            .map(_StreamDecoder(self.manifest, self.skip))
+            .batched(self.batch_size, collation_fn=_collate, partial=False))
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
 
-    def _stream(self) -> Iterator[torch.Tensor]:
+    def _stream(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             epoch, done = divmod(self.step, self.steps_per_epoch)
             batches = iter(self._stream_loader(epoch))
@@ -215,6 +269,15 @@ class TokenBatches:
                 if i >= done:
                     yield batch
             del batches  # shuts the epoch's workers down before the next epoch starts its own
+
+    def global_indices(self, step: int) -> list[int] | None:
+        """Sample indices (in the split) of the whole global batch of optimizer step `step`
+        (0-based); None in stream mode, whose order lives in the shard shuffle."""
+        if self.mode != "indexed":
+            return None
+        epoch, s = divmod(step, self.steps_per_epoch)
+        g = self.global_batch_size
+        return epoch_permutation(self.num_samples, self.seed, epoch)[s * g:(s + 1) * g].tolist()
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:

@@ -2,7 +2,7 @@
 
 Layout of a split directory:
     shard-000000.tar ...   members `%09d.input_ids.npy` (global sample index; int32[seq_len])
-    manifest.json          counts, per-shard sha256/size, tokenizer and source hashes
+    manifest.json          counts, per-shard sha256/size, per-sample crc32, tokenizer and source hashes
 
 The manifest is written last, after every shard is complete, so its presence means the
 split is whole; readers trust nothing that is not listed in it. This module needs only
@@ -16,6 +16,7 @@ import io
 import json
 import os
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -88,6 +89,7 @@ def _write_tmp_shards(rows: Iterable[np.ndarray], out_dir: Path, seq_len: int,
         info.size, info.mtime, info.mode = len(data), 0, 0o444
         tf.addfile(info, io.BytesIO(data))
         entries[-1]["num_samples"] += 1
+        entries[-1].setdefault("crc32", []).append(zlib.crc32(data))  # per sample: flipped bytes are caught
     if tf is not None:
         tf.close()
     for e in entries:
@@ -196,17 +198,31 @@ def check_seq_len(manifest: dict, seq_len: int | None, split_dir: str | os.PathL
                          f"or set model.seq_len={have}")
 
 
-def check_shard_files(split_dir: str | os.PathLike, manifest: dict) -> None:
-    """Cheap check (stat only) that every listed shard exists with its recorded size."""
+def check_shard_files(split_dir: str | os.PathLike, manifest: dict, strict: bool = True) -> list[str]:
+    """Cheap check (stat only) that every listed shard exists with its recorded size; raises on
+    the first problem, or (strict=False: data.on_corrupt=skip) returns them all."""
     split_dir = Path(split_dir)
+    problems = []
     for e in manifest["shards"]:
         path = split_dir / e["name"]
         if not path.is_file():
-            raise ShardError(f"shard {path} listed in {split_dir / MANIFEST} is missing; {_remake_hint(split_dir)}")
-        size = path.stat().st_size
-        if "bytes" in e and size != e["bytes"]:
-            raise ShardError(f"shard {path} has {size} bytes but the manifest records {e['bytes']}: "
-                             f"it is truncated or corrupt; {_remake_hint(split_dir)}")
+            problems.append(f"shard {path} listed in {split_dir / MANIFEST} is missing; {_remake_hint(split_dir)}")
+        elif "bytes" in e and (size := path.stat().st_size) != e["bytes"]:
+            problems.append(f"shard {path} has {size} bytes but the manifest records {e['bytes']}: "
+                            f"it is truncated or corrupt; {_remake_hint(split_dir)}")
+        if problems and strict:
+            raise ShardError(problems[0])
+    return problems
+
+
+def check_tokenizer(manifest: dict, tokenizer: Tokenizer, split_dir: str | os.PathLike) -> None:
+    """The split was written with this tokenizer (hash, vocabulary size, EOS id)."""
+    for key, have in (("tokenizer_sha256", tokenizer.sha256), ("vocab_size", tokenizer.vocab_size),
+                      ("eos_id", tokenizer.eos_id)):
+        if manifest[key] != have:
+            raise ShardError(f"{Path(split_dir) / MANIFEST} records {key}={str(manifest[key])[:16]} but the "
+                             f"tokenizer in use has {str(have)[:16]}: the shards were written with another "
+                             f"tokenizer; {_remake_hint(Path(split_dir))} with this one")
 
 
 def verify_shards(split_dir: str | os.PathLike, manifest: dict) -> list[str]:
@@ -221,13 +237,22 @@ def verify_shards(split_dir: str | os.PathLike, manifest: dict) -> list[str]:
     return problems
 
 
-def decode_sample(data: bytes, where: str, seq_len: int) -> np.ndarray:
+def decode_sample(data: bytes, where: str, seq_len: int, crc: int | None = None,
+                  vocab: int | None = None) -> np.ndarray:
+    """One sample's int32[seq_len] row; `crc` (the manifest's crc32 of its bytes) and `vocab`
+    (ids must lie in [0, vocab)) are checked when given."""
+    if crc is not None and (got := zlib.crc32(data)) != crc:
+        raise ShardError(f"{where}: checksum mismatch (crc32 {got:08x}, manifest {crc:08x}): its bytes changed "
+                         "after make_shards.py wrote them; the shard is corrupt")
     try:
         row = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:  # numpy raises several types for a damaged .npy
         raise ShardError(f"{where}: cannot decode {FIELD} ({e}); the shard is corrupt") from None
     if row.dtype != np.int32 or row.shape != (seq_len,):
         raise ShardError(f"{where}: expected int32[{seq_len}], found {row.dtype}{list(row.shape)}")
+    if vocab is not None and (row.min() < 0 or row.max() >= vocab):
+        raise ShardError(f"{where}: token ids {int(row.min())}..{int(row.max())} outside the vocabulary "
+                         f"(0..{vocab - 1}); the shard is corrupt")
     return row
 
 
@@ -245,6 +270,7 @@ class ShardIndex:
         counts = [s["num_samples"] for s in self.shards]
         self.starts = [0] + list(np.cumsum(counts)[:-1].tolist())
         self._members: dict[int, list[tuple[int, int]]] = {}
+        self._bad: dict[int, str] = {}  # shards that failed scan_all(skip_bad=True): why
         self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()
 
     def __len__(self) -> int:
@@ -279,12 +305,18 @@ class ShardIndex:
         self._members[k] = [(off, sz) for _, off, sz in members]
         return self._members[k]
 
-    def scan_all(self) -> "ShardIndex":
+    def scan_all(self, skip_bad: bool = False) -> "ShardIndex":
         """Scan every shard now (once, in this process), e.g. before forking loader workers
-        so they inherit the index instead of each scanning on its own."""
+        so they inherit the index instead of each scanning on its own. skip_bad: a shard that
+        cannot be read is remembered (its samples then raise ShardError) instead of raising now."""
         for k in range(len(self.shards)):
-            if k not in self._members:
-                self._scan(k)
+            if k not in self._members and k not in self._bad:
+                try:
+                    self._scan(k)
+                except ShardError as e:
+                    if not skip_bad:
+                        raise
+                    self._bad[k] = str(e)
         return self
 
     def _fd(self, k: int) -> int:
@@ -303,10 +335,14 @@ class ShardIndex:
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} out of range for {self.split_dir} ({len(self)} samples)")
         k = bisect.bisect_right(self.starts, i) - 1
+        if k in self._bad:
+            raise ShardError(self._bad[k])
         members = self._members[k] if k in self._members else self._scan(k)
         offset, size = members[i - self.starts[k]]
         # pread does not move a shared file offset, so forked workers can share descriptors.
         data = os.pread(self._fd(k), size, offset)
         if len(data) != size:
             raise ShardError(f"shard {self._path(k)} is truncated at sample {i}; {_remake_hint(self.split_dir)}")
-        return decode_sample(data, f"shard {self._path(k)} sample {i}", self.seq_len)
+        crcs = self.shards[k].get("crc32")  # shards written before per-sample checksums have none
+        return decode_sample(data, f"shard {self._path(k)} sample {i}", self.seq_len,
+                             crcs[i - self.starts[k]] if crcs else None, self.manifest["vocab_size"])

@@ -75,6 +75,10 @@ class Engine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def discard_gradients(self) -> None:
+        """Drop this step's gradients without updating (a non-finite step is skipped)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
     def grad_norm_after_step(self) -> float:
         return float("nan")
 
@@ -309,6 +313,9 @@ class DeepSpeedEngine(Engine):
 
     def step(self):
         self.engine.step()
+
+    def discard_gradients(self) -> None:
+        pass  # the trainer stops: DeepSpeed has no update-free step outside fp16 loss scaling
 
     def grad_norm_after_step(self) -> float:
         n = self.engine.get_global_grad_norm()

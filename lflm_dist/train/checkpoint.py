@@ -126,7 +126,7 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir, step: int, model, optimizer, trainer_state: dict, rank: int, keep: int = 2,
-                    engine=None) -> Path:
+                    engine=None, keep_every: int = 0) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path. With an `engine`
     (lflm_dist.parallel.engine), model and optimizer state are written by the engine in its
     strategy's format; otherwise rank 0 writes model.safetensors + optimizer.pt."""
@@ -150,7 +150,7 @@ def save_checkpoint(run_dir, step: int, model, optimizer, trainer_state: dict, r
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _prune(root, keep)
+        _prune(root, keep, keep_every)  # only once the new one is complete
     barrier()
     return final
 
@@ -172,9 +172,12 @@ def load_rng(path: Path) -> None:
     set_rng_state(s)
 
 
-def _prune(root: Path, keep: int) -> None:
+def _prune(root: Path, keep: int, keep_every: int = 0) -> None:
+    """Keep the newest `keep` checkpoints, and every one whose step is a multiple of keep_every."""
     steps = sorted(p for p in root.iterdir() if _STEP_RE.match(p.name))
     for old in steps[:-keep] if keep > 0 else []:
+        if keep_every > 0 and int(old.name.split("_")[1]) % keep_every == 0:
+            continue
         shutil.rmtree(old, ignore_errors=True)
 
 

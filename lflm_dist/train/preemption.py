@@ -16,6 +16,9 @@ run exits with STOP_EXIT_CODE (128 + SIGTERM, what a shell reports for a termina
 0, so that a batch script does not take the unfinished stage for a finished one and start the
 next; the same command resumes it. The step in progress finishes first: the grace period the
 sender allows (SLURM's KillWait / GraceTime, torchrun's 30 s) must cover one step and a checkpoint.
+`train.preempt_grace_s` bounds it from this side: when that many seconds pass after the signal
+before the checkpoint is complete, the process requeues (SIGUSR2) and exits with the same code
+without it, the previous checkpoint being the newest, rather than being killed mid-write.
 """
 from __future__ import annotations
 
@@ -51,10 +54,11 @@ class PreemptionFlag:
     """Installs the SIGUSR2 and SIGTERM handlers (main thread only: Python runs handlers there)
     and keeps what they set. The flag is per process; `requested()` is the collective decision."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, grace_s: float = 0.0):
+        self.device, self.grace_s = device, grace_s
         self.code = 0.0
         self.previous = {}
+        self.timer: threading.Timer | None = None
         if threading.current_thread() is threading.main_thread():
             self.previous = {sig: signal.signal(sig, self._on_signal) for sig in _CODES}
 
@@ -64,10 +68,26 @@ class PreemptionFlag:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
+        if self.timer is not None:  # the step and checkpoint finished in time
+            self.timer.cancel()
+            self.timer = None
 
     def _on_signal(self, signum, frame) -> None:
         # nothing else: printing or collectives here could re-enter what was interrupted
         self.code = max(self.code, _CODES[signum])
+        if self.grace_s > 0 and self.timer is None:
+            self.timer = threading.Timer(self.grace_s, self._expire, args=(signum,))
+            self.timer.daemon = True
+            self.timer.start()
+
+    def _expire(self, signum) -> None:
+        """The grace period ran out before the step and its checkpoint were done: exit now, as
+        the signal asked, with the previous checkpoint the newest (a half-written one is ignored)."""
+        requeued = signum == SIGNAL and requeue()
+        print(f"[preempt] train.preempt_grace_s={self.grace_s:g} s ran out before this step's checkpoint was "
+              f"complete: exiting without it{'; requeued' if requeued else ''}. The same command resumes from "
+              "the previous checkpoint.", file=sys.stderr, flush=True)
+        os._exit(EXIT_CODE if signum == SIGNAL else STOP_EXIT_CODE)
 
     @property
     def flag(self) -> bool:

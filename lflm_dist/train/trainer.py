@@ -19,6 +19,7 @@ import torch
 
 from lflm_dist.config import Config, ConfigError, save_config
 from lflm_dist.data.loader import TokenBatches, eval_batches
+from lflm_dist.data.shards import check_tokenizer, read_manifest
 from lflm_dist.data.tokenizer import Tokenizer
 from lflm_dist.models.noise import sample_keys
 from lflm_dist.models.registry import build_model, count_params, init_model
@@ -59,16 +60,20 @@ def autocast(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
 
-def forward_backward(engine, micro_batches: list[dict], cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:
+def forward_backward(engine, micro_batches: list[dict], cfg: Config, device: torch.device,
+                     poison: bool = False) -> dict[str, torch.Tensor]:
     """Forward and backward of one optimizer step's micro-batches (gradient sync on the last);
     returns the loss terms averaged over them (this rank only). Shared by the trainer and
-    bench/train_mfu.py, so the benchmark times the loop that trains."""
+    bench/train_mfu.py, so the benchmark times the loop that trains. `poison`: fault injection,
+    the loss becomes NaN (and so do the gradients), as a blow-up would make it."""
     sums: dict[str, torch.Tensor] = {}
     accum = cfg.train.grad_accum
     for i, mb in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with engine.micro_context(last), autocast(cfg, device):
             terms = engine.model(mb)
+        if poison:
+            terms = {**terms, "loss": terms["loss"] * float("nan")}
         engine.backward(terms["loss"], accum, last)
         for k, v in terms.items():
             v = v.detach().float()
@@ -82,7 +87,8 @@ class Trainer:
     def __init__(self, cfg: Config, dist_info: DistInfo | None = None):
         self.cfg = cfg
         self.d = dist_info or init_distributed(cfg.parallel.backend, force=needs_process_group(cfg.parallel))
-        self.preemption = PreemptionFlag(self.d.device)  # SIGUSR2 / SIGTERM handlers, before the slow model build
+        # SIGUSR2 / SIGTERM handlers, before the slow model build
+        self.preemption = PreemptionFlag(self.d.device, cfg.train.preempt_grace_s)
         if self.d.device.type == "cpu":
             retain_freed_memory()  # reuse freed activations instead of page-faulting fresh ones each step
             if self.d.world_size > 1:
@@ -120,10 +126,24 @@ class Trainer:
         self.peak_flops = device_peak(self.d.device, bf16)  # dense peak of one device (CPU: measured, cached)
         self.loader = TokenBatches(self.train_dir, global_batch_size=t.global_batch_size, rank=self.dp_rank,
                                    world_size=self.dp_size, seed=t.seed, num_workers=cfg.data.num_workers,
-                                   mode=cfg.data.loader, seq_len=cfg.model.seq_len)
+                                   mode=cfg.data.loader, seq_len=cfg.model.seq_len, on_corrupt=cfg.data.on_corrupt)
+        self._check_data()
         self.step = 0
+        self.skipped_nonfinite = self.nonfinite_in_a_row = 0  # steps skipped for a non-finite loss/grad: total, current run
+        self.skipped_samples = 0  # unreadable samples replaced (data.on_corrupt=skip), over the whole run
         if self.resume_from is not None:
             self._resume(self.resume_from)
+
+    def _check_data(self) -> None:
+        """Before any step: both splits were written with data.path's tokenizer, and a resumed run
+        trains on the tokenization it started with (the run dir keeps its tokenizer.json)."""
+        check_tokenizer(self.loader.manifest, self.tokenizer, self.train_dir)
+        check_tokenizer(read_manifest(self.valid_dir), self.tokenizer, self.valid_dir)
+        own = self.run_dir / "tokenizer.json"
+        if own.is_file() and Tokenizer.load(own).sha256 != self.tokenizer.sha256:
+            raise ConfigError(f"{self.run_dir} was trained with the tokenizer in {own}, but {self.cfg.data.path} "
+                              "holds another one: resuming would continue on differently tokenized data. Point "
+                              "data.path at the run's data, or start a new run.dir")
 
     def _lock_run_dir(self) -> RunLock | None:
         """The main rank holds the run dir's lock; every rank stops if another run holds it."""
@@ -158,6 +178,9 @@ class Trainer:
         self.engine.load(path, state)
         self.loader.load_state_dict(state["loader"])
         self.step = state["step"]
+        self.skipped_nonfinite = state.get("skipped_nonfinite", 0)
+        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+        self.skipped_samples = state.get("skipped_samples", 0)
         rng = path / f"rng_rank{self.d.rank}.pt"
         if state["world_size"] == self.d.world_size and rng.is_file():
             ckpt.load_rng(rng)
@@ -189,12 +212,13 @@ class Trainer:
         return {"step": self.step, "world_size": self.d.world_size, "loader": self.loader.state_dict(),
                 "lr": lr_at(max(0, self.step - 1), self.cfg.train), "n_params": self.n_params,
                 "format": self.engine.ckpt_format, "strategy": self.cfg.parallel.strategy, "tp": self.cfg.parallel.tp,
-                "zero_stage": getattr(self.engine, "zero_stage", 0)}
+                "zero_stage": getattr(self.engine, "zero_stage", 0), "skipped_nonfinite": self.skipped_nonfinite,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "skipped_samples": self.skipped_samples}
 
     def save(self) -> Path:
         return ckpt.save_checkpoint(self.run_dir, self.step, unwrap(self.model), self.optimizer,
                                     self._trainer_state(), self.d.rank, self.cfg.train.keep_checkpoints,
-                                    engine=self.engine)
+                                    engine=self.engine, keep_every=self.cfg.train.keep_every)
 
     def full_model(self) -> torch.nn.Module | None:
         """Collective: a plain, unsharded copy of the model on rank 0 (None elsewhere), for
@@ -231,23 +255,52 @@ class Trainer:
     def train_step(self, batch: dict) -> dict[str, float]:
         t, eng = self.cfg.train, self.engine
         eng.set_lr(lr_at(self.step, t))
-        sums = forward_backward(eng, list(self._micro_batches(batch, self.step)), self.cfg, self.d.device)
+        sums = forward_backward(eng, list(self._micro_batches(batch, self.step)), self.cfg, self.d.device,
+                                poison=self.step + 1 in t.inject_nonfinite_steps)
         grad_norm = eng.clip_grad_norm(t.grad_clip if t.grad_clip > 0 else float("inf"))
         names = sorted(sums)
         # TP ranks of one data-parallel replica hold equal losses, so the mean over all ranks is the DP mean
         vals = all_reduce_mean(torch.stack([sums[k] for k in names]))
         out = dict(zip(names, vals.tolist()))
-        if not math.isfinite(out["loss"]):
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.step + 1}: {out}. Nothing was updated at this step; the last "
-                f"checkpoint in {ckpt.checkpoint_dir(self.run_dir)} is intact. Lower train.lr, raise "
-                "train.warmup_steps or check the data, then re-run the same command to resume.")
-        eng.step()
-        eng.update_statistics()
-        out["grad_norm"] = float(grad_norm) if grad_norm is not None else eng.grad_norm_after_step()
+        if self.loader.skip:  # unreadable samples replaced in this step's global batch
+            n = torch.tensor([float(batch.get("corrupt_skipped", 0))], device=self.d.device)
+            self.skipped_samples += int(round(all_reduce_mean(n).item() * self.dp_size))
+            out["skipped_samples"] = self.skipped_samples
+        gn = float(grad_norm) if grad_norm is not None else None  # global: every rank decides alike
+        if not math.isfinite(out["loss"]) or (gn is not None and not math.isfinite(gn)):
+            self._skip_nonfinite(out, gn)
+        else:
+            eng.step()
+            eng.update_statistics()
+            self.nonfinite_in_a_row = 0
+            out["grad_norm"] = gn if gn is not None else eng.grad_norm_after_step()
         self.step += 1
         out["lr"] = lr_at(self.step - 1, t)
+        out["skipped_nonfinite"] = self.skipped_nonfinite
         return out
+
+    def _skip_nonfinite(self, out: dict, grad_norm: float | None) -> None:
+        """No update for this step: count it, record its samples, and stop after
+        train.nonfinite_patience in a row (DeepSpeed steps inside its engine: it always stops)."""
+        t, step = self.cfg.train, self.step + 1
+        self.skipped_nonfinite += 1
+        self.nonfinite_in_a_row += 1
+        if self.d.is_main:
+            with open(self.run_dir / "nonfinite_batches.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "loss": str(out["loss"]), "grad_norm": str(grad_norm),
+                                    "sample_indices": self.loader.global_indices(step - 1),
+                                    "split": str(self.train_dir)}) + "\n")
+        first = step - self.nonfinite_in_a_row + 1
+        self.engine.discard_gradients()
+        if self.engine.strategy == "deepspeed" or self.nonfinite_in_a_row >= max(1, t.nonfinite_patience):
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {step}: {out}"
+                + (f" ({self.nonfinite_in_a_row} steps in a row, {first}..{step}, train.nonfinite_patience="
+                   f"{t.nonfinite_patience})" if self.nonfinite_in_a_row > 1 else "")
+                + f". Nothing was updated at these steps; the newest checkpoint in {ckpt.checkpoint_dir(self.run_dir)} "
+                f"is from before them; the batches' sample indices are in {self.run_dir / 'nonfinite_batches.jsonl'}. "
+                "Lower train.lr, raise train.warmup_steps or check the data, then re-run the same command to resume.")
+        out["grad_norm"] = float("nan")
 
     @torch.no_grad()
     def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
@@ -326,7 +379,10 @@ class Trainer:
                 if t.eval_every and self.step % t.eval_every == 0:
                     logger.log({"step": self.step, **{f"valid/{k}": v for k, v in self.evaluate(t.eval_batches).items()}})
                 preempted = self.preemption.requested()  # collective: every rank stops at this step
-                if preempted or self.step % t.ckpt_every == 0 or self.step == t.max_steps:
+                # no checkpoint inside a run of skipped steps: the newest stays the one from before them
+                due = (self.step % t.ckpt_every == 0 or self.step == t.max_steps) and not self.nonfinite_in_a_row
+                saved = None
+                if preempted or due:
                     saved = self.save()
                 if preempted:
                     logger.close()
