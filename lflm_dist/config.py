@@ -31,7 +31,10 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "data/shakespeare"  # directory holding tokenizer.json, train/ and valid/ shards
+    # directory holding tokenizer.json, train/ and valid/ shards; or the same layout remote: an http(s)://
+    # URL prefix, or "pipe:CMD" with {path} in CMD (e.g. "pipe:aws s3 cp s3://b/data/{path} -"), read in
+    # stream mode with retries (lflm_dist/data/remote.py)
+    path: str = "data/shakespeare"
     train_split: str = "train"
     valid_split: str = "valid"
     num_workers: int = 2
@@ -39,6 +42,8 @@ class DataConfig:
     # a sample whose bytes fail the manifest's checksum, an unreadable or missing shard: error (stop, naming
     # the shard and sample) | skip (another sample takes its place; counted as skipped_samples)
     on_corrupt: str = "error"
+    retries: int = 5  # remote reads: tries after the first, exponential back-off from retry_backoff_s (max 30 s)
+    retry_backoff_s: float = 1.0
 
 
 @dataclass
@@ -247,6 +252,12 @@ class Config:
         self._validate_parallel()
         _choice("data.loader", self.data.loader, ("indexed", "stream"))
         _choice("data.on_corrupt", self.data.on_corrupt, ("error", "skip"))
+        if self.data.path.startswith(("http://", "https://", "pipe:")) and self.data.loader != "stream":
+            raise ConfigError(f"data.path={self.data.path!r} is remote: set data.loader=stream (indexed mode needs "
+                              "random access to local shards)")
+        if self.data.path.startswith("pipe:") and "{path}" not in self.data.path:
+            raise ConfigError(f"data.path={self.data.path!r}: a pipe: command needs {{path}} where the file's path "
+                              "under the data dir goes (e.g. 'pipe:aws s3 cp s3://bucket/data/{path} -')")
         _choice("train.precision", self.train.precision, ("auto", "fp32", "bf16"))
         _choice("run.wandb_mode", self.run.wandb_mode, ("offline", "online", "disabled"))
         if self.train.nonfinite_patience < 0:

@@ -33,6 +33,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
 
+from .remote import is_remote, tar_members
 from .shards import (FIELD, ShardError, ShardIndex, check_seq_len, check_shard_files,
                      decode_sample, read_manifest)
 
@@ -61,9 +62,11 @@ ON_CORRUPT = ("error", "skip")
 _MAX_REPLACEMENTS = 1000  # consecutive unreadable samples before "skip" gives up
 
 
-def _open_split(split_dir: str | os.PathLike, seq_len: int | None, strict: bool = True) -> dict:
+def _open_split(split_dir, seq_len: int | None, strict: bool = True) -> dict:
     manifest = read_manifest(split_dir)
     check_seq_len(manifest, seq_len, split_dir)
+    if is_remote(split_dir):
+        return manifest  # sizes are checked as the shards stream (a short shard is a failed read)
     for problem in check_shard_files(split_dir, manifest, strict):  # strict: a truncated shard fails here
         print(f"[data] warning: {problem}; its samples are skipped (data.on_corrupt=skip)", flush=True)
     return manifest
@@ -155,10 +158,27 @@ def _collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, tor
     return torch.stack([r for r, _ in samples]), torch.tensor(sum(k for _, k in samples))
 
 
-def _reraise_naming_shard(exn: Exception) -> bool:
-    # webdataset appends the url to exn.args; say plainly what to do about it.
-    raise ShardError(f"reading a shard failed: {exn!r}; the shard is corrupt or truncated, "
-                     f"re-run data_tools/make_shards.py") from exn
+class _ShardReader:
+    """webdataset pipeline stage: {"url": shard name} -> samples {"__key__", "__url__", FIELD}, read
+    by `remote.tar_members` from a local file or a remote location, with retries (remote only: a
+    local read error is not transient) that resume a broken shard where it stopped."""
+
+    def __init__(self, split, manifest: dict):
+        self.split = split
+        self.counts = {e["name"]: e["num_samples"] for e in manifest["shards"]}
+
+    def __call__(self, src):
+        for item in src:
+            name = item["url"]
+            if is_remote(self.split):
+                where, opener = self.split.url(name), functools.partial(self.split.open, name)
+                retries, backoff = self.split.retries, self.split.backoff_s
+            else:
+                where, retries, backoff = str(Path(self.split) / name), 0, 0.0
+                opener = functools.partial(open, where, "rb")
+            for member, data in tar_members(opener, where, self.counts[name], retries, backoff):
+                key, _, field = member.partition(".")
+                yield {"__key__": key, "__url__": where, field: data}
 
 
 def stream_steps_per_epoch(shard_sizes: list[int], world_size: int, num_workers: int,
@@ -202,8 +222,11 @@ class TokenBatches:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
+        if is_remote(split_dir) and mode != "stream":
+            raise ValueError(f"{split_dir} is remote: it is read in stream mode (data.loader=stream); indexed mode "
+                             "needs random access to local shards")
         self.skip = on_corrupt == "skip"
-        self.split_dir = Path(split_dir)
+        self.split_dir = split_dir if is_remote(split_dir) else Path(split_dir)
         self.manifest = _open_split(self.split_dir, seq_len, strict=not self.skip)
         self.seq_len: int = self.manifest["seq_len"]
         self.num_samples: int = self.manifest["num_samples"]
@@ -242,17 +265,17 @@ class TokenBatches:
         yield from DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers)
 
     def _stream_loader(self, epoch: int) -> DataLoader:
-        urls = [str(self.split_dir / s["name"]) for s in self.manifest["shards"]]
+        names = [s["name"] for s in self.manifest["shards"]]
         # Same seeded order on every rank, so the rank/worker split below is disjoint.
-        random.Random(_epoch_seed(self.seed, epoch)).shuffle(urls)
-        dataset = (
-            wds.WebDataset(urls, shardshuffle=False, handler=_reraise_naming_shard, seed=0,
-                           nodesplitter=functools.partial(_split_by_rank, rank=self.rank,
-                                                          world_size=self.world_size),
-                           workersplitter=wds.split_by_worker, empty_check=False)
-            .shuffle(_STREAM_SHUFFLE_BUFFER, seed=_epoch_seed(self.seed, epoch) * 1009 + self.rank)
-            .map(_StreamDecoder(self.manifest, self.skip))
-            .batched(self.batch_size, collation_fn=_collate, partial=False))
+        random.Random(_epoch_seed(self.seed, epoch)).shuffle(names)
+        dataset = wds.DataPipeline(
+            wds.SimpleShardList(names),
+            functools.partial(_split_by_rank, rank=self.rank, world_size=self.world_size),
+            wds.split_by_worker,
+            _ShardReader(self.split_dir, self.manifest),
+            wds.shuffle(_STREAM_SHUFFLE_BUFFER, seed=_epoch_seed(self.seed, epoch) * 1009 + self.rank),
+            wds.map(_StreamDecoder(self.manifest, self.skip)),
+            wds.batched(self.batch_size, collation_fn=_collate, partial=False))
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
 
     def _stream(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -307,6 +330,29 @@ class TokenBatches:
         self.step = int(sd["step"])
 
 
+class _SequentialRemote:
+    """Samples 0, 1, 2, ... of a remote split, read shard by shard in order (eval_batches asks in order)."""
+
+    def __init__(self, split, manifest: dict):
+        self.split, self.manifest = split, manifest
+        self.rows: list[np.ndarray] = []
+        self._it = self._read()
+
+    def _read(self) -> Iterator[np.ndarray]:
+        decode = _StreamDecoder(self.manifest, skip=False)
+        for sample in _ShardReader(self.split, self.manifest)(
+                {"url": e["name"]} for e in self.manifest["shards"]):
+            yield decode(sample)[0].numpy()
+
+    def __len__(self) -> int:
+        return self.manifest["num_samples"]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        while len(self.rows) <= i:
+            self.rows.append(next(self._it))
+        return self.rows[i]
+
+
 def eval_batches(split_dir, *, batch_size: int, rank: int = 0, world_size: int = 1,
                  max_batches: int | None = None, seq_len: int | None = None) -> Iterator[dict]:
     """Deterministic validation batches (no shuffle): sample order 0..N-1, global batch i is
@@ -317,7 +363,7 @@ def eval_batches(split_dir, *, batch_size: int, rank: int = 0, world_size: int =
     """
     manifest = _open_split(split_dir, seq_len)
     b = _per_rank(batch_size, rank, world_size)
-    index = ShardIndex(split_dir, manifest)
+    index = _SequentialRemote(split_dir, manifest) if is_remote(split_dir) else ShardIndex(split_dir, manifest)
     n = len(index) // batch_size
     if n == 0:
         raise ValueError(f"{split_dir} has {len(index)} samples, fewer than one eval batch of "

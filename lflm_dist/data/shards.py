@@ -169,7 +169,10 @@ def write_shards(documents: list[Document], tokenizer: Tokenizer, out_dir: str |
 
 
 # ----------------------------------------------------------------------------- reading
-def read_manifest(split_dir: str | os.PathLike) -> dict:
+def read_manifest(split_dir) -> dict:
+    from .remote import is_remote
+    if is_remote(split_dir):  # a RemoteDir: fetched (with retries), then checked like a local one
+        return _check_manifest(json.loads(split_dir.read_bytes(MANIFEST)), split_dir.url(MANIFEST), split_dir)
     split_dir = Path(split_dir)
     path = split_dir / MANIFEST
     if not path.is_file():
@@ -181,6 +184,10 @@ def read_manifest(split_dir: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); {_remake_hint(split_dir)}") from None
+    return _check_manifest(manifest, path, split_dir)
+
+
+def _check_manifest(manifest: dict, path, split_dir) -> dict:
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
         raise ValueError(f"{path} lacks {missing}; it is not a shard manifest of this format, "

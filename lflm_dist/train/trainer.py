@@ -11,7 +11,6 @@ import contextlib
 import functools
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 from lflm_dist.config import Config, ConfigError, save_config
 from lflm_dist.data.loader import TokenBatches, eval_batches
+from lflm_dist.data.remote import RemoteDir, is_remote
 from lflm_dist.data.shards import check_tokenizer, read_manifest
 from lflm_dist.data.tokenizer import Tokenizer
 from lflm_dist.models.noise import sample_keys
@@ -40,9 +40,16 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def data_root(cfg: Config):
+    """data.path as a local Path, or a RemoteDir (http(s):// or pipe:) with the run's retry settings."""
+    d = cfg.data
+    return RemoteDir(d.path, retries=d.retries, backoff_s=d.retry_backoff_s) if is_remote(d.path) else Path(d.path)
+
+
 def resolve_vocab(cfg: Config) -> Tokenizer:
     """Load the run's tokenizer and fill model.vocab_size from it."""
-    tok_path = Path(cfg.data.path) / "tokenizer.json"
+    root = data_root(cfg)
+    tok_path = root.cached("tokenizer.json") if is_remote(root) else root / "tokenizer.json"
     if not tok_path.is_file():
         raise FileNotFoundError(f"{tok_path} not found: data.path must point at a prepared data dir "
                                 "(run `make data` or data_tools/make_shards.py first)")
@@ -109,8 +116,9 @@ class Trainer:
     def _build(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         self.tokenizer = resolve_vocab(cfg)
-        self.train_dir = Path(cfg.data.path) / cfg.data.train_split
-        self.valid_dir = Path(cfg.data.path) / cfg.data.valid_split
+        root = data_root(cfg)
+        self.train_dir = root.child(cfg.data.train_split) if is_remote(root) else root / cfg.data.train_split
+        self.valid_dir = root.child(cfg.data.valid_split) if is_remote(root) else root / cfg.data.valid_split
         self.resume_from = ckpt.latest_checkpoint(self.run_dir)
         torch.manual_seed(t.seed)
         model = build_model(cfg.model, device="meta")  # materialised by the parallel layer, per shard
@@ -346,7 +354,7 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
             if self.step < t.max_steps:
                 ckpt.clear_done(self.run_dir)  # a raised max_steps makes a finished run unfinished
-            shutil.copyfile(Path(cfg.data.path) / "tokenizer.json", self.run_dir / "tokenizer.json")
+            self.tokenizer.save(self.run_dir / "tokenizer.json")
         barrier()
         logger = MetricsLogger(cfg, self.run_dir, self.d.is_main, resume_step=self.step,
                                extra={"n_params": self.n_params, "world_size": self.d.world_size,
