@@ -190,6 +190,9 @@ class TrainConfig:
     ckpt_every: int = 50
     keep_checkpoints: int = 2  # the newest ones kept (older ones deleted once a new one is complete)
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
+    # trainer.json records every checkpoint file's size, and with this its sha256 (rank 0 reads the whole
+    # checkpoint once more, ~1 s per GB); resume refuses a checkpoint whose files do not match
+    checkpoint_hashes: bool = True
     # seconds from SIGUSR2 / SIGTERM to exit: if the step and its checkpoint are not done by then, exit
     # without them (the previous checkpoint stays the newest); 0: no limit. Keep it under SLURM's
     # --signal lead time, so the job ends on its own terms rather than by SIGKILL.
@@ -203,6 +206,7 @@ class TrainConfig:
     # run, the newest checkpoint being from before them. 0: stop at the first. DeepSpeed always stops.
     nonfinite_patience: int = 3
     inject_nonfinite_steps: list[int] = field(default_factory=list)  # fault injection: NaN loss at these steps
+    inject_kill_in_checkpoint: int = 0  # fault injection: SIGKILL itself mid-way through this step's checkpoint
 
 
 @dataclass

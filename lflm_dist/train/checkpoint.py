@@ -9,12 +9,17 @@ Layout of `<run.dir>/checkpoints/step_XXXXXXXX/`, by strategy (trainer.json "for
   trainer.json          step, world size, strategy, data-loader position, schedule
   rng_rank{R}.pt        each rank's RNG states (torch, numpy, python)
 A checkpoint is written into `.tmp-step_X` and renamed when complete, so a crash while
-saving never leaves a half checkpoint that resume would pick up.
+saving never leaves a half checkpoint that resume would pick up (resume reports the leftover).
+trainer.json, written last, records every other file's size and (train.checkpoint_hashes) sha256;
+resume refuses a checkpoint whose files do not match. A write that runs out of space removes its
+partial directory and stops with an error saying the previous checkpoint is intact.
 `<run.dir>/DONE` (JSON {"step": N}) is written after the final evaluation: the run reached
 train.max_steps. Batch scripts skip a stage whose run dir has it (slurm/stages.sh).
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
@@ -27,6 +32,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lflm_dist.train.dist import barrier
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written (no space) or trusted (files differ from its record)."""
 
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -126,7 +137,7 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir, step: int, model, optimizer, trainer_state: dict, rank: int, keep: int = 2,
-                    engine=None, keep_every: int = 0) -> Path:
+                    engine=None, keep_every: int = 0, hashes: bool = True, crash_before_commit: bool = False) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path. With an `engine`
     (lflm_dist.parallel.engine), model and optimizer state are written by the engine in its
     strategy's format; otherwise rank 0 writes model.safetensors + optimizer.pt."""
@@ -137,22 +148,95 @@ def save_checkpoint(run_dir, step: int, model, optimizer, trainer_state: dict, r
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    torch.save(_rng_for_save(), tmp / f"rng_rank{rank}.pt")
-    if engine is not None:
-        engine.save(tmp, rank)
-    elif rank == 0:
-        save_file(model_state(model), tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    barrier()
-    if rank == 0:  # trainer.json last: its presence marks a complete checkpoint
-        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
-    barrier()
+    error = None
+    try:
+        torch.save(_rng_for_save(), tmp / f"rng_rank{rank}.pt")
+        if engine is not None:
+            engine.save(tmp, rank)
+        elif rank == 0:
+            save_file(model_state(model), tmp / "model.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        error = e
+    _stop_if_failed(error, rank, tmp, root)
+    if crash_before_commit:  # fault injection (train.inject_kill_in_checkpoint): die with the write half done
+        os.kill(os.getpid(), 9)
+    try:
+        if rank == 0:  # trainer.json last: its presence marks a complete checkpoint
+            state = {**trainer_state, "files": file_records(tmp, hashes)}
+            (tmp / "trainer.json").write_text(json.dumps(state, indent=2))
+    except OSError as e:
+        error = e
+    _stop_if_failed(error, rank, tmp, root)
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _prune(root, keep, keep_every)  # only once the new one is complete
     barrier()
     return final
+
+
+def _stop_if_failed(error: Exception | None, rank: int, tmp: Path, root: Path) -> None:
+    """Collective: if any rank's write failed, remove the partial checkpoint and stop every rank."""
+    failed = torch.tensor([0.0 if error is None else 1.0])
+    if torch.distributed.is_initialized():
+        nccl = torch.distributed.get_backend() == "nccl"
+        failed = failed.cuda() if nccl else failed
+        torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+    if not failed.item():
+        return
+    no_space = error is not None and (getattr(error, "errno", None) in _NO_SPACE
+                                      or shutil.disk_usage(root).free < 2**20)  # checked before the cleanup
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    prev = sorted(p.name for p in root.iterdir() if _STEP_RE.match(p.name) and (p / "trainer.json").is_file())
+    intact = f"the newest complete checkpoint, {root / prev[-1]}, is intact" if prev else "no earlier checkpoint exists"
+    if no_space:
+        raise CheckpointError(f"no space left writing checkpoint {tmp.name[5:]} in {root} ({error}): the "
+                              f"partial checkpoint was removed and {intact}; nothing else was deleted. Free space "
+                              "(or lower train.keep_checkpoints) and re-run the same command to resume.")
+    why = f"{error!r}" if error is not None else "another rank failed"
+    raise CheckpointError(f"writing checkpoint {tmp.name[5:]} in {root} failed ({why}): the partial checkpoint was "
+                          f"removed and {intact}; re-run the same command to resume.")
+
+
+def file_records(ckpt: Path, hashes: bool = True) -> dict[str, dict]:
+    """{relative path: {"bytes", "sha256"}} of every file of a checkpoint but trainer.json."""
+    out = {}
+    for f in sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != "trainer.json"):
+        rec = {"bytes": f.stat().st_size}
+        if hashes:
+            with open(f, "rb") as fh:
+                rec["sha256"] = hashlib.file_digest(fh, "sha256").hexdigest()
+        out[str(f.relative_to(ckpt))] = rec
+    return out
+
+
+def verify_checkpoint(path: Path) -> list[str]:
+    """Files that are missing, or differ in size or sha256 from what trainer.json recorded."""
+    recorded = json.loads((path / "trainer.json").read_text()).get("files")
+    if recorded is None:  # written before files were recorded
+        return []
+    have = file_records(path, hashes=any("sha256" in r for r in recorded.values()))
+    problems = []
+    for name, rec in recorded.items():
+        got = have.get(name)
+        if got is None:
+            problems.append(f"{name} is missing")
+        elif got["bytes"] != rec["bytes"]:
+            problems.append(f"{name} has {got['bytes']} bytes, {rec['bytes']} were written")
+        elif "sha256" in rec and got["sha256"] != rec["sha256"]:
+            problems.append(f"{name} differs from what was written (sha256 {got['sha256'][:12]}... vs {rec['sha256'][:12]}...)")
+    return problems
+
+
+def incomplete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Leftovers of checkpoint writes that never completed (a process killed while saving)."""
+    d = checkpoint_dir(run_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if p.name.startswith(".tmp-step_")
+                  or (_STEP_RE.match(p.name) and not (p / "trainer.json").is_file()))
 
 
 def _rng_for_save() -> dict:

@@ -181,6 +181,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _resume(self, path: Path) -> None:
+        self._verify_checkpoint(path)
         state = ckpt.load_trainer_state(path)
         self._check_resumable(path, state)
         self.engine.load(path, state)
@@ -197,6 +198,22 @@ class Trainer:
                   "position restored; process RNG re-seeded (training noise is keyed per sample, unaffected)")
         if self.d.is_main:
             print(f"[resume] from {path} at step {self.step}")
+
+    def _verify_checkpoint(self, path: Path) -> None:
+        """Collective: the main rank checks the checkpoint's files against their record; all stop if not."""
+        problems = ckpt.verify_checkpoint(path) if self.d.is_main else []
+        if self.d.is_main:
+            for left in ckpt.incomplete_checkpoints(self.run_dir):
+                print(f"[resume] ignoring {left}: an incomplete checkpoint write (the process died while saving)")
+        bad = torch.tensor([1.0 if problems else 0.0], device=self.d.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bad.item():
+            older = [p for p in sorted(ckpt.checkpoint_dir(self.run_dir).glob("step_*")) if p < path]
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} does not match what was written: {'; '.join(problems) or 'see rank 0'}. It is "
+                "corrupt and is not loaded. Move it aside (mv it out of checkpoints/) and re-run the same command "
+                + (f"to resume from {older[-1].name}" if older else "to start over"))
 
     def _check_resumable(self, path: Path, state: dict) -> None:
         fmt, have = state.get("format", "safetensors"), self.engine.ckpt_format
@@ -226,7 +243,9 @@ class Trainer:
     def save(self) -> Path:
         return ckpt.save_checkpoint(self.run_dir, self.step, unwrap(self.model), self.optimizer,
                                     self._trainer_state(), self.d.rank, self.cfg.train.keep_checkpoints,
-                                    engine=self.engine, keep_every=self.cfg.train.keep_every)
+                                    engine=self.engine, keep_every=self.cfg.train.keep_every,
+                                    hashes=self.cfg.train.checkpoint_hashes,
+                                    crash_before_commit=self.step == self.cfg.train.inject_kill_in_checkpoint)
 
     def full_model(self) -> torch.nn.Module | None:
         """Collective: a plain, unsharded copy of the model on rank 0 (None elsewhere), for
