@@ -8,7 +8,7 @@ hit by a fault, then resumed by the same command, checked against an uninterrupt
                       checkpoint, exit 143 / 75 (under torchrun it reports its workers' exit)
   nan                 a NaN loss injected at a random step: skipped and counted, run finishes
 
-Each trial records: the exit of the faulted run, whether the resumed run reached the end, whether
+Under DDP (1 and 2 processes), FSDP2, DeepSpeed ZeRO-2 and TP=2 (2 processes each). Each trial records: the exit of the faulted run, whether the resumed run reached the end, whether
 its per-step losses equal the uninterrupted run's (exactly: same processes, CPU), completed
 checkpoints lost (a checkpoint complete before the fault that no longer verifies afterwards: must
 be 0) and metric lines lost (steps up to the newest checkpoint missing from metrics.jsonl: 0).
@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +40,9 @@ TINY = ["model.vae.encoder.dim=32", "model.vae.decoder.dim=32", "model.vae.encod
         "train.global_batch_size=8", "train.warmup_steps=2", "train.eval_batches=2", "train.lr=3e-3",
         "run.wandb_mode=disabled", "sample.num_samples=0", "data.num_workers=1"]
 KINDS = ("sigkill", "kill_in_checkpoint", "sigterm", "sigusr2", "nan")
+# parallel strategies a trial can run under (2 processes for all but ddp, which also runs alone)
+STRATEGIES = {"ddp": [], "fsdp2": ["parallel.strategy=fsdp2"],
+              "zero2": ["parallel.strategy=deepspeed", "parallel.zero_stage=2"], "tp2": ["parallel.tp=2"]}
 EXPECTED_EXIT = {"sigterm": 143, "sigusr2": 75}
 
 
@@ -80,8 +84,8 @@ def _settings(steps: int) -> list[str]:
 
 
 def reference(data: Path, work: Path, nproc: int, steps: int, base: list[str]) -> list[float]:
-    """Losses of the uninterrupted run (cached in work/reference_{nproc})."""
-    ref = work / f"reference_{nproc}"
+    """Losses of the uninterrupted run (cached per process count and settings)."""
+    ref = work / f"reference_{nproc}_{zlib.crc32(' '.join(base).encode()):08x}"
     if not (ref / "DONE").is_file():
         p = run(command(data, ref, nproc, _settings(steps), base))
         if p.returncode:
@@ -90,12 +94,13 @@ def reference(data: Path, work: Path, nproc: int, steps: int, base: list[str]) -
 
 
 def trial(kind: str, data: Path, work: Path, nproc: int, rng: random.Random, steps: int = 12,
-          base: list[str] = TINY) -> dict:
-    """One faulted run and its resumption; returns what happened (see the module docstring)."""
+          base: list[str] = TINY, strategy: str = "ddp") -> dict:
+    """One faulted run and its resumption under `strategy` (STRATEGIES); returns what happened."""
+    base = base + STRATEGIES[strategy]
     ref = reference(data, work, nproc, steps, base)
-    rdir = work / f"{kind}_{nproc}_{rng.randrange(10**9)}"
+    rdir = work / f"{kind}_{strategy}_{nproc}_{rng.randrange(10**9)}"
     extra = _settings(steps)
-    out = {"kind": kind, "nproc": nproc}
+    out = {"kind": kind, "strategy": strategy, "nproc": nproc}
     if kind == "kill_in_checkpoint":
         extra = extra + [f"train.inject_kill_in_checkpoint={2 * rng.randint(1, steps // 2 - 1)}"]
     if kind == "nan":
@@ -149,12 +154,12 @@ def _signal_at_random(cmd, rdir: Path, kind: str, rng: random.Random, steps: int
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'kind':>20} {'nproc':>5} {'trials':>6} {'resumed':>7} {'losses equal':>12} {'ckpts lost':>10} "
+    lines = [f"{'kind':>20} {'strategy':>8} {'nproc':>5} {'trials':>6} {'resumed':>7} {'losses equal':>12} {'ckpts lost':>10} "
              f"{'metric lines lost':>17}"]
-    for key in sorted({(r["kind"], r["nproc"]) for r in rows}):
-        rs = [r for r in rows if (r["kind"], r["nproc"]) == key]
+    for key in sorted({(r["kind"], r["strategy"], r["nproc"]) for r in rows}):
+        rs = [r for r in rows if (r["kind"], r["strategy"], r["nproc"]) == key]
         eq = [r["losses_equal"] for r in rs if r["losses_equal"] is not None]
-        lines.append(f"{key[0]:>20} {key[1]:>5} {len(rs):>6} {sum(r['resumed'] for r in rs):>7} "
+        lines.append(f"{key[0]:>20} {key[1]:>8} {key[2]:>5} {len(rs):>6} {sum(r['resumed'] for r in rs):>7} "
                      f"{(str(sum(eq)) if eq else '-'):>12} {sum(r['checkpoints_lost'] for r in rs):>10} "
                      f"{sum(r['metric_lines_lost'] for r in rs):>17}")
     return "\n".join(lines)
@@ -164,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=10, help="trials per (kind, process count)")
     p.add_argument("--kinds", default=",".join(KINDS))
-    p.add_argument("--nproc", default="1,2", help="process counts, comma-separated")
+    p.add_argument("--nproc", default="1,2", help="process counts for ddp, comma-separated")
+    p.add_argument("--strategies", default=",".join(STRATEGIES),
+                   help=f"of {', '.join(STRATEGIES)}; all but ddp run on 2 processes")
     p.add_argument("--data", default=str(ROOT / "data" / "shakespeare"), help="prepared data dir (make data)")
     p.add_argument("--work", default=str(ROOT / "runs" / "fault_soak"))
     p.add_argument("--steps", type=int, default=12)
@@ -180,12 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     work, rng, rows = Path(a.work), random.Random(a.seed), []
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    for nproc in [int(n) for n in a.nproc.split(",")]:
+    setups = [(s, n) for s in a.strategies.split(",") for n in ([int(n) for n in a.nproc.split(",")]
+                                                                  if s == "ddp" else [2])]
+    for strategy, nproc in setups:
         for kind in a.kinds.split(","):
             for i in range(a.trials):
-                r = trial(kind, data, work, nproc, rng, a.steps, base)
+                r = trial(kind, data, work, nproc, rng, a.steps, base, strategy)
                 rows.append(r)
-                print(f"[{time.time() - t0:6.0f}s] {kind} nproc={nproc} trial {i + 1}/{a.trials}: exit {r['exit']}, "
+                print(f"[{time.time() - t0:6.0f}s] {kind} {strategy} nproc={nproc} trial {i + 1}/{a.trials}: exit {r['exit']}, "
                       f"resumed {r['resumed']}, losses equal {r['losses_equal']}, ckpts lost {r['checkpoints_lost']}",
                       flush=True)
     print(table(rows))

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -120,6 +121,11 @@ class Trainer:
         self.train_dir = root.child(cfg.data.train_split) if is_remote(root) else root / cfg.data.train_split
         self.valid_dir = root.child(cfg.data.valid_split) if is_remote(root) else root / cfg.data.valid_split
         self.resume_from = ckpt.latest_checkpoint(self.run_dir)
+        if self.d.is_main:
+            for left in ckpt.incomplete_checkpoints(self.run_dir):  # never a complete one: no trainer.json
+                print(f"[resume] ignoring and removing {left}: an incomplete checkpoint write (the process died "
+                      "while saving)")
+                shutil.rmtree(left, ignore_errors=True)
         torch.manual_seed(t.seed)
         model = build_model(cfg.model, device="meta")  # materialised by the parallel layer, per shard
         self.n_params = count_params(model)
@@ -202,9 +208,6 @@ class Trainer:
     def _verify_checkpoint(self, path: Path) -> None:
         """Collective: the main rank checks the checkpoint's files against their record; all stop if not."""
         problems = ckpt.verify_checkpoint(path) if self.d.is_main else []
-        if self.d.is_main:
-            for left in ckpt.incomplete_checkpoints(self.run_dir):
-                print(f"[resume] ignoring {left}: an incomplete checkpoint write (the process died while saving)")
         bad = torch.tensor([1.0 if problems else 0.0], device=self.d.device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)

@@ -14,8 +14,10 @@ from lflm_dist import faults
 from test_train import ROOT, launch, losses
 
 BASE = faults.TINY + ["model.seq_len=32"]  # tiny_data's rows are 32 tokens
-CASES = [("sigkill", 1, 0), ("sigkill", 1, 1), ("sigkill", 2, 2), ("kill_in_checkpoint", 1, 3),
-         ("kill_in_checkpoint", 2, 4), ("sigterm", 1, 5), ("sigusr2", 1, 6), ("nan", 1, 7)]
+CASES = [("sigkill", "ddp", 1, 0), ("sigkill", "ddp", 1, 1), ("sigkill", "ddp", 2, 2),
+         ("kill_in_checkpoint", "ddp", 1, 3), ("kill_in_checkpoint", "ddp", 2, 4), ("sigterm", "ddp", 1, 5),
+         ("sigusr2", "ddp", 1, 6), ("nan", "ddp", 1, 7), ("sigterm", "ddp", 2, 8),
+         ("sigkill", "fsdp2", 2, 9), ("kill_in_checkpoint", "zero2", 2, 10), ("sigkill", "tp2", 2, 11)]
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +25,9 @@ def work(tmp_path_factory):
     return tmp_path_factory.mktemp("faults")
 
 
-@pytest.mark.parametrize("kind, nproc, seed", CASES)
-def test_fault_then_resume_loses_nothing(kind, nproc, seed, tiny_data, work):
-    r = faults.trial(kind, tiny_data, work, nproc, random.Random(seed), steps=12, base=BASE)
+@pytest.mark.parametrize("kind, strategy, nproc, seed", CASES)
+def test_fault_then_resume_loses_nothing(kind, strategy, nproc, seed, tiny_data, work):
+    r = faults.trial(kind, tiny_data, work, nproc, random.Random(seed), steps=12, base=BASE, strategy=strategy)
     assert r["resumed"], r
     assert r["checkpoints_lost"] == 0 and r["metric_lines_lost"] == 0, r
     if kind == "nan":
