@@ -13,7 +13,8 @@ import sys
 import pytest
 import torch
 
-from test_train import ROOT, cut_and_resume, launch as launch_run, losses
+from test_train import (FAMILY_CASES as CASES, FAMILY_FIRST as FIRST, FAMILY_STEPS as STEPS, ROOT,
+                        cut_and_resume, first_half_then_resume, launch as launch_run, losses)
 
 CONFIG = "configs/lflm_tiny.yaml"
 TINY = ["model.seq_len=32", "model.lflm.embed_dim=32", "model.lflm.encoder_hidden=32", "model.lflm.latent_dim=8",
@@ -21,13 +22,6 @@ TINY = ["model.seq_len=32", "model.lflm.embed_dim=32", "model.lflm.encoder_hidde
         "model.lflm.decoder.n_layers=2", "model.lflm.latent_tokens=2", "model.lflm.beta_steps=3",
         "train.global_batch_size=8", "train.warmup_steps=2", "train.eval_batches=2", "train.lr=3e-3",
         "run.wandb_mode=disabled", "sample.num_samples=1", "sample.max_new_tokens=8", "data.num_workers=1"]
-STEPS = ["train.max_steps=4", "train.ckpt_every=2"]
-FIRST = ["train.max_steps=2", "train.ckpt_every=2"]
-CASES = {  # name: (overrides, processes, processes for the resumed half); global batch 8 throughout
-    "ddp": ([], 2, 2),
-    "fsdp2": (["parallel.strategy=fsdp2"], 2, 1),  # DCP reshards 2 -> 1 process
-    "zero2": (["parallel.strategy=deepspeed", "parallel.zero_stage=2"], 2, 2),
-}
 
 
 def launch(data, run_dir, *extra, nproc=1, expect=0):
@@ -58,11 +52,8 @@ def test_lflm_logs_kl_per_dim_active_units_and_anneals_beta(reference):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_lflm_strategy_matches_one_process_and_resumes(name, reference, tiny_data, tmp_path):
-    extra, nproc, resume_nproc = CASES[name]
     run = tmp_path / name
-    launch(tiny_data, run, *extra, *FIRST, nproc=nproc)
-    p = launch(tiny_data, run, *extra, *STEPS, nproc=resume_nproc)
-    assert "[resume] from" in p.stdout and "at step 2" in p.stdout
+    first_half_then_resume(launch, tiny_data, run, name)
     assert losses(run) == pytest.approx(losses(reference), rel=1e-5)
     assert metric(run, "grad_norm") == pytest.approx(metric(reference, "grad_norm"), rel=1e-4)
     assert metric(run, "beta") == metric(reference, "beta")  # the step counter is checkpointed

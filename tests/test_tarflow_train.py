@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from lflm_dist.train.checkpoint import latest_checkpoint
-from test_train import ROOT, cut_and_resume, launch as launch_run, losses
+from test_train import (FAMILY_CASES as CASES, FAMILY_FIRST as FIRST, FAMILY_STEPS as STEPS, ROOT,
+                        cut_and_resume, first_half_then_resume, launch as launch_run, losses)
 
 CONFIG = "configs/tarflow_bpe.yaml"
 BLOCKS = json.dumps([{"coupling": "rosenblatt", "n_layers": 1}, {"coupling": "mix1", "n_layers": 1, "components": 4}])
@@ -19,13 +20,6 @@ TINY = ["model.seq_len=32", "model.tarflow.latent_dim=4", "model.tarflow.dim=32"
         f"model.tarflow.blocks={BLOCKS}", "train.global_batch_size=8", "train.warmup_steps=2", "train.eval_batches=2",
         "train.lr=3e-3", "run.wandb_mode=disabled", "sample.num_samples=1", "sample.max_new_tokens=6",
         "data.num_workers=1"]
-STEPS = ["train.max_steps=4", "train.ckpt_every=2"]
-FIRST = ["train.max_steps=2", "train.ckpt_every=2"]
-CASES = {  # name: (overrides, processes, processes for the resumed half); global batch 8 throughout
-    "ddp": ([], 2, 2),
-    "fsdp2": (["parallel.strategy=fsdp2"], 2, 1),  # DCP reshards 2 -> 1 process
-    "zero2": (["parallel.strategy=deepspeed", "parallel.zero_stage=2"], 2, 2),
-}
 
 
 def launch(data, run_dir, *extra, nproc=1, expect=0):
@@ -42,11 +36,8 @@ def reference(tiny_data, tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_tarflow_strategy_matches_one_process_and_resumes(name, reference, tiny_data, tmp_path):
-    extra, nproc, resume_nproc = CASES[name]
     run = tmp_path / name
-    launch(tiny_data, run, *extra, *FIRST, nproc=nproc)
-    p = launch(tiny_data, run, *extra, *STEPS, nproc=resume_nproc)
-    assert "[resume] from" in p.stdout and "at step 2" in p.stdout
+    first_half_then_resume(launch, tiny_data, run, name)
     assert losses(run) == pytest.approx(losses(reference), rel=1e-5)
 
 

@@ -36,6 +36,25 @@ def train_inproc(data, run_dir, *extra, stop_at=None):
     return Trainer(cfg).fit(stop_at=stop_at)
 
 
+# a family through the stack: 2 processes for the first 2 steps, then resumed to 4 (global batch 8)
+FAMILY_STEPS = ["train.max_steps=4", "train.ckpt_every=2"]
+FAMILY_FIRST = ["train.max_steps=2", "train.ckpt_every=2"]
+FAMILY_CASES = {  # name: (overrides, processes, processes for the resumed half)
+    "ddp": ([], 2, 2),
+    "fsdp2": (["parallel.strategy=fsdp2"], 2, 1),  # DCP reshards 2 -> 1 process
+    "zero2": (["parallel.strategy=deepspeed", "parallel.zero_stage=2"], 2, 2),
+}
+
+
+def first_half_then_resume(launch_family, data, run, name):
+    """Steps 1-2 under FAMILY_CASES[name], then the same command resumed to step 4."""
+    extra, nproc, resume_nproc = FAMILY_CASES[name]
+    launch_family(data, run, *extra, *FAMILY_FIRST, nproc=nproc)
+    p = launch_family(data, run, *extra, *FAMILY_STEPS, nproc=resume_nproc)
+    assert "[resume] from" in p.stdout and "at step 2" in p.stdout
+    return p
+
+
 def cut_and_resume(config, base, data, tmp_path, stop_at=3):
     """Train `full` uninterrupted and `cut` stopped after step `stop_at` (as a crash would, past its
     last checkpoint) then resumed by the same command; returns (full, cut) run dirs."""
@@ -250,23 +269,31 @@ def test_a_second_run_on_a_live_run_dir_stops_and_a_dead_ones_lock_does_not_stic
     assert len(losses(run)) == 4
 
 
+def signal_after_steps(data, run, steps, *extra, sig=None):
+    """Start launchers/pretrain.py, SIGTERM it (or `sig`) once `steps` metric lines are logged;
+    returns (process, stdout, stderr) after it exits."""
+    import signal
+    import time
+    args = [sys.executable, str(ROOT / "launchers/pretrain.py"), "--config", str(ROOT / "configs/cola_tiny.yaml"),
+            *overrides(data, run, *extra)]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    metrics = run / "metrics.jsonl"
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= steps):
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(sig or signal.SIGTERM)
+    out, err = p.communicate(timeout=300)
+    return p, out, err
+
+
 def test_sigterm_finishes_the_step_checkpoints_and_stops_without_requeue(tiny_data, tmp_path):
     """SIGTERM (kill, scancel, torchrun): the step in progress finishes and is checkpointed, the run
     exits 143 (not 0: a batch script must not take the stage as finished), nothing logged is lost,
     and the same command resumes from that step. In-process, the handlers are put back after fit."""
     import signal
-    import time
     run = tmp_path / "run"
-    args = [sys.executable, str(ROOT / "launchers/pretrain.py"), "--config", str(ROOT / "configs/cola_tiny.yaml"),
-            *overrides(tiny_data, run, "train.max_steps=400", "train.ckpt_every=1000")]
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
-    metrics = run / "metrics.jsonl"
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
-        assert p.poll() is None, p.communicate()
-        time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=300)
+    p, out, err = signal_after_steps(tiny_data, run, 3, "train.max_steps=400", "train.ckpt_every=1000")
     assert p.returncode == 143, out[-2000:] + err[-2000:]
     assert "[preempt] signal SIGTERM: stopped after step" in out and "not requeued (SIGTERM)" in out
     step = len(losses(run))
@@ -282,20 +309,9 @@ def test_sigterm_finishes_the_step_checkpoints_and_stops_without_requeue(tiny_da
 def test_a_grace_period_that_runs_out_exits_without_a_half_written_checkpoint(tiny_data, tmp_path):
     """train.preempt_grace_s shorter than a step: the process exits 143 by itself, saying so, and the
     newest checkpoint stays the previous one (a run resumes from it)."""
-    import signal
-    import time
     run = tmp_path / "run"
-    args = [sys.executable, str(ROOT / "launchers/pretrain.py"), "--config", str(ROOT / "configs/cola_tiny.yaml"),
-            *overrides(tiny_data, run, "train.max_steps=400", "train.ckpt_every=2", "train.global_batch_size=64",
-                       "train.preempt_grace_s=1e-6")]
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
-    metrics = run / "metrics.jsonl"
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
-        assert p.poll() is None, p.communicate()
-        time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=300)
+    p, out, err = signal_after_steps(tiny_data, run, 3, "train.max_steps=400", "train.ckpt_every=2",
+                                     "train.global_batch_size=64", "train.preempt_grace_s=1e-6")
     assert p.returncode == 143 and "train.preempt_grace_s=1e-06 s ran out" in err, out[-2000:] + err[-2000:]
     assert "stopped after step" not in out  # the signal's own checkpoint never completed
     newest = int(latest_checkpoint(run).name.split("_")[1])
