@@ -35,6 +35,8 @@ class DataConfig:
     # URL prefix, or "pipe:CMD" with {path} in CMD (e.g. "pipe:aws s3 cp s3://b/data/{path} -"), read in
     # stream mode with retries (lflm_dist/data/remote.py)
     path: str = "data/shakespeare"
+    # split names under data.path, or a split given as webdataset brace pattern of shard URLs or pipe
+    # commands ("https://host/train/shard-{000000..000099}.tar"), manifest.json beside the shards
     train_split: str = "train"
     valid_split: str = "valid"
     num_workers: int = 2
@@ -256,9 +258,11 @@ class Config:
         self._validate_parallel()
         _choice("data.loader", self.data.loader, ("indexed", "stream"))
         _choice("data.on_corrupt", self.data.on_corrupt, ("error", "skip"))
-        if self.data.path.startswith(("http://", "https://", "pipe:")) and self.data.loader != "stream":
-            raise ConfigError(f"data.path={self.data.path!r} is remote: set data.loader=stream (indexed mode needs "
-                              "random access to local shards)")
+        for key in ("path", "train_split", "valid_split"):
+            value = getattr(self.data, key)
+            if value.startswith(("http://", "https://", "pipe:")) and self.data.loader != "stream":
+                raise ConfigError(f"data.{key}={value!r} is remote: set data.loader=stream (indexed mode needs "
+                                  "random access to local shards)")
         if self.data.path.startswith("pipe:") and "{path}" not in self.data.path:
             raise ConfigError(f"data.path={self.data.path!r}: a pipe: command needs {{path}} where the file's path "
                               "under the data dir goes (e.g. 'pipe:aws s3 cp s3://bucket/data/{path} -')")

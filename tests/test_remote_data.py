@@ -103,3 +103,19 @@ def test_training_on_a_remote_data_path_matches_the_local_copy(server, tiny_data
     assert losses(tmp_path / "remote") == losses(tmp_path / "local")
     p = launch(tiny_data, tmp_path / "indexed", "train.max_steps=1", f"data.path={server}", expect=2)
     assert "is remote: set data.loader=stream" in p.stderr
+
+
+def test_splits_as_brace_patterns_of_urls_and_commands(server, tiny_data, tmp_path):
+    """A split written as webdataset users write it, with the tokenizer from a local data.path."""
+    n = len(shard_names(tiny_data))
+    urls = f"{server}/train/shard-{{000000..{n - 1:06d}}}.tar"
+    nv = len(json.loads((tiny_data / "valid" / "manifest.json").read_text())["shards"])
+    cmds = f"pipe:cat {tiny_data}/valid/shard-{{000000..{nv - 1:06d}}}.tar"
+    common = ("train.max_steps=3", "data.loader=stream")
+    launch(tiny_data, tmp_path / "local", *common)
+    launch(tiny_data, tmp_path / "braced", *common, f"data.train_split={urls}", f"data.valid_split={cmds}")
+    assert losses(tmp_path / "braced") == losses(tmp_path / "local")
+    short = f"{server}/train/shard-{{000000..{n:06d}}}.tar"  # one shard too many
+    p = launch(tiny_data, tmp_path / "bad", *common, f"data.train_split={short}", expect=2)
+    assert "does not name the shards its manifest" in p.stderr and f"shard-{n:06d}.tar" in p.stderr
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()  # refused before training

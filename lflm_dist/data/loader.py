@@ -66,6 +66,8 @@ def _open_split(split_dir, seq_len: int | None, strict: bool = True) -> dict:
     manifest = read_manifest(split_dir)
     check_seq_len(manifest, seq_len, split_dir)
     if is_remote(split_dir):
+        if hasattr(split_dir, "check_listed"):  # a brace pattern must name the manifest's shards
+            split_dir.check_listed(manifest)
         return manifest  # sizes are checked as the shards stream (a short shard is a failed read)
     for problem in check_shard_files(split_dir, manifest, strict):  # strict: a truncated shard fails here
         print(f"[data] warning: {problem}; its samples are skipped (data.on_corrupt=skip)", flush=True)

@@ -2,6 +2,8 @@
 
   data.path: https://host/data                         files at https://host/data/<path>
   data.path: "pipe:aws s3 cp s3://bucket/data/{path} -" the command prints <path> to stdout
+  data.train_split: "https://host/train/shard-{000000..000099}.tar"   a split as a webdataset brace
+  data.train_split: "pipe:aws s3 cp s3://b/train/shard-{000000..000099}.tar -"   pattern (RemoteShards)
 
 The layout under it is a local data dir's (tokenizer.json, <split>/manifest.json, the shards the
 manifest lists), so the manifest says which shards exist (no brace patterns to keep in sync).
@@ -79,6 +81,50 @@ class RemoteDir:
             tmp.write_bytes(self.read_bytes(name))
             os.replace(tmp, path)
         return path
+
+
+class RemoteShards(RemoteDir):
+    """A split given as webdataset users write it: a brace pattern of shard URLs or pipe commands,
+    `https://host/train/shard-{000000..000099}.tar` or
+    `pipe:aws s3 cp s3://bucket/train/shard-{000000..000099}.tar -`, with manifest.json beside the
+    shards (the same URL or command with the shard's file name replaced). The pattern must list
+    exactly the shards the manifest lists."""
+
+    def __init__(self, spec: str, retries: int = 5, backoff_s: float = 1.0):
+        import braceexpand
+        expanded = list(braceexpand.braceexpand(spec))
+        names = [_shard_file(u) for u in expanded]
+        first = expanded[0]
+        template = first.replace(names[0], "{name}")
+        if any(u != template.replace("{name}", n) for u, n in zip(expanded, names)):
+            raise ValueError(f"{spec}: every expanded shard must differ only in its file name (one directory)")
+        super().__init__(template, "", retries, backoff_s)
+        self.spec, self.names = spec, names
+
+    def url(self, name: str) -> str:
+        return self.base.replace("{name}", name)
+
+    def child(self, name: str) -> "RemoteShards":
+        raise ValueError(f"{self.spec} is a split's shard pattern, not a data dir")
+
+    def __str__(self) -> str:
+        return self.spec
+
+    def check_listed(self, manifest: dict) -> None:
+        listed = [e["name"] for e in manifest["shards"]]
+        if sorted(self.names) != sorted(listed):
+            extra, missing = sorted(set(self.names) - set(listed)), sorted(set(listed) - set(self.names))
+            from lflm_dist.data.shards import ShardError
+            raise ShardError(f"{self.spec} does not name the shards its manifest {self.url('manifest.json')} lists: "
+                             f"not in the manifest {extra[:3]}, missing from the pattern {missing[:3]}")
+
+
+def _shard_file(url: str) -> str:
+    import re
+    m = re.findall(r"[^/\s]+\.tar", url)
+    if not m:
+        raise ValueError(f"{url}: no shard file name (NAME.tar) in it")
+    return m[-1]
 
 
 class _PipeStream:

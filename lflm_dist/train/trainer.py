@@ -19,7 +19,7 @@ import torch
 
 from lflm_dist.config import Config, ConfigError, save_config
 from lflm_dist.data.loader import TokenBatches, eval_batches
-from lflm_dist.data.remote import RemoteDir, is_remote
+from lflm_dist.data.remote import RemoteDir, RemoteShards, is_remote
 from lflm_dist.data.shards import check_tokenizer, read_manifest
 from lflm_dist.data.tokenizer import Tokenizer
 from lflm_dist.models.noise import sample_keys
@@ -45,6 +45,15 @@ def data_root(cfg: Config):
     """data.path as a local Path, or a RemoteDir (http(s):// or pipe:) with the run's retry settings."""
     d = cfg.data
     return RemoteDir(d.path, retries=d.retries, backoff_s=d.retry_backoff_s) if is_remote(d.path) else Path(d.path)
+
+
+def split_location(cfg: Config, split: str):
+    """A split: a name under data.path, or a webdataset brace pattern of shard URLs / pipe commands."""
+    d = cfg.data
+    if is_remote(split):
+        return RemoteShards(split, retries=d.retries, backoff_s=d.retry_backoff_s)
+    root = data_root(cfg)
+    return root.child(split) if is_remote(root) else root / split
 
 
 def resolve_vocab(cfg: Config) -> Tokenizer:
@@ -117,9 +126,7 @@ class Trainer:
     def _build(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         self.tokenizer = resolve_vocab(cfg)
-        root = data_root(cfg)
-        self.train_dir = root.child(cfg.data.train_split) if is_remote(root) else root / cfg.data.train_split
-        self.valid_dir = root.child(cfg.data.valid_split) if is_remote(root) else root / cfg.data.valid_split
+        self.train_dir, self.valid_dir = split_location(cfg, cfg.data.train_split), split_location(cfg, cfg.data.valid_split)
         self.resume_from = ckpt.latest_checkpoint(self.run_dir)
         if self.d.is_main:
             for left in ckpt.incomplete_checkpoints(self.run_dir):  # never a complete one: no trainer.json
@@ -152,7 +159,10 @@ class Trainer:
         """Before any step: both splits were written with data.path's tokenizer, and a resumed run
         trains on the tokenization it started with (the run dir keeps its tokenizer.json)."""
         check_tokenizer(self.loader.manifest, self.tokenizer, self.train_dir)
-        check_tokenizer(read_manifest(self.valid_dir), self.tokenizer, self.valid_dir)
+        valid = read_manifest(self.valid_dir)
+        check_tokenizer(valid, self.tokenizer, self.valid_dir)
+        if hasattr(self.valid_dir, "check_listed"):  # a brace pattern names exactly the manifest's shards
+            self.valid_dir.check_listed(valid)
         own = self.run_dir / "tokenizer.json"
         if own.is_file() and Tokenizer.load(own).sha256 != self.tokenizer.sha256:
             raise ConfigError(f"{self.run_dir} was trained with the tokenizer in {own}, but {self.cfg.data.path} "
