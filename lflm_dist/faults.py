@@ -7,6 +7,7 @@ hit by a fault, then resumed by the same command, checked against an uninterrupt
   sigterm / sigusr2   at a random moment after the first step, to every training process: finish the step,
                       checkpoint, exit 143 / 75 (under torchrun it reports its workers' exit)
   nan                 a NaN loss injected at a random step: skipped and counted, run finishes
+                      (DeepSpeed: stops naming the step, then the same command resumes)
 
 Under DDP (1 and 2 processes), FSDP2, DeepSpeed ZeRO-2 and TP=2 (2 processes each). Each trial records: the exit of the faulted run, whether the resumed run reached the end, whether
 its per-step losses equal the uninterrupted run's (exactly: same processes, CPU), completed
@@ -117,14 +118,18 @@ def trial(kind: str, data: Path, work: Path, nproc: int, rng: random.Random, ste
     from lflm_dist.train.checkpoint import verify_checkpoint
     out["checkpoints_lost"] = sum(1 for p in before.values() if verify_checkpoint(p))
     out["metric_lines_lost"] = len(set(range(1, newest + 1)) - _metric_steps(rdir))
-    resumed = run(command(data, rdir, nproc, _settings(steps), base)) if kind != "nan" else first
+    if kind == "nan":  # finishes with the step skipped; DeepSpeed stops instead (documented), then resumes
+        out["stopped"] = first.returncode != 0 and "non-finite loss or gradient" in first.stderr
+        resumed = first if first.returncode == 0 else run(command(data, rdir, nproc, _settings(steps), base))
+    else:
+        resumed = run(command(data, rdir, nproc, _settings(steps), base))
     out["resumed"] = resumed.returncode == 0 and (rdir / "DONE").is_file()
     out["reported_incomplete"] = "[resume] ignoring" in resumed.stdout
     got = losses(rdir) if (rdir / "metrics.jsonl").is_file() else []
     if kind == "nan":
         rows = [json.loads(ln) for ln in (rdir / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
         out["losses_equal"] = None  # a skipped update changes what follows, by design
-        out["skipped_nonfinite"] = rows[-1].get("skipped_nonfinite") if rows else None
+        out["skipped_nonfinite"] = max((r.get("skipped_nonfinite", 0) for r in rows), default=None)
     else:
         out["losses_equal"] = got == ref
     out["detail"] = (first.stderr[-300:] + resumed.stderr[-300:]).strip() if not out["resumed"] else ""
@@ -197,10 +202,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{time.time() - t0:6.0f}s] {kind} {strategy} nproc={nproc} trial {i + 1}/{a.trials}: exit {r['exit']}, "
                       f"resumed {r['resumed']}, losses equal {r['losses_equal']}, ckpts lost {r['checkpoints_lost']}",
                       flush=True)
+    if Path(a.out).is_file():  # keep earlier trials of (kind, strategy, nproc) this run did not repeat
+        done = {(r["kind"], r["strategy"], r["nproc"]) for r in rows}
+        rows = [r for r in json.loads(Path(a.out).read_text())["trials"]
+                if (r["kind"], r.get("strategy", "ddp"), r["nproc"]) not in done] + rows
     print(table(rows))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"trials": rows, "steps": a.steps, "seed": a.seed, "data": str(data),
-                                       "seconds": round(time.time() - t0)}, indent=2) + "\n")
+                                       "seconds_this_run": round(time.time() - t0)}, indent=2) + "\n")
     print(f"wrote {a.out}")
     bad = [r for r in rows if not r["resumed"] or r["losses_equal"] is False or r["checkpoints_lost"]
            or r["metric_lines_lost"]]

@@ -17,7 +17,8 @@ BASE = faults.TINY + ["model.seq_len=32"]  # tiny_data's rows are 32 tokens
 CASES = [("sigkill", "ddp", 1, 0), ("sigkill", "ddp", 1, 1), ("sigkill", "ddp", 2, 2),
          ("kill_in_checkpoint", "ddp", 1, 3), ("kill_in_checkpoint", "ddp", 2, 4), ("sigterm", "ddp", 1, 5),
          ("sigusr2", "ddp", 1, 6), ("nan", "ddp", 1, 7), ("sigterm", "ddp", 2, 8),
-         ("sigkill", "fsdp2", 2, 9), ("kill_in_checkpoint", "zero2", 2, 10), ("sigkill", "tp2", 2, 11)]
+         ("sigkill", "fsdp2", 2, 9), ("kill_in_checkpoint", "zero2", 2, 10), ("sigkill", "tp2", 2, 11),
+         ("nan", "zero2", 2, 12)]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,10 @@ def test_fault_then_resume_loses_nothing(kind, strategy, nproc, seed, tiny_data,
     r = faults.trial(kind, tiny_data, work, nproc, random.Random(seed), steps=12, base=BASE, strategy=strategy)
     assert r["resumed"], r
     assert r["checkpoints_lost"] == 0 and r["metric_lines_lost"] == 0, r
-    if kind == "nan":
-        assert r["skipped_nonfinite"] == 1
+    if kind == "nan" and strategy == "zero2":  # DeepSpeed cannot skip: it stops naming the step, then resumes
+        assert r["stopped"] and r["skipped_nonfinite"] == 0, r
+    elif kind == "nan":
+        assert r["skipped_nonfinite"] == 1 and not r["stopped"], r
     else:
         assert r["losses_equal"], r
     if kind == "kill_in_checkpoint":
