@@ -72,7 +72,10 @@ run_stage() {
   done
   SRUN_PID=
   case $rc in
-    0) _log "$name: finished"; return 0 ;;
+    0) if [ -f "$dir/DONE" ]; then _log "$name: finished"; return 0; fi
+       # exit 0 without DONE: stopped by SIGTERM after a checkpoint (scancel): end the job, resumable
+       _log "$name: stopped before train.max_steps (checkpointed); the same sbatch command resumes it"
+       exit 0 ;;
     "$PREEMPT_EXIT") _log "$name: checkpointed on SIGUSR2; the trainer requeued the job"; exit "$PREEMPT_EXIT" ;;
   esac
   # a task died on the signal itself (it came before the trainer installed its handler): the

@@ -12,9 +12,9 @@ The requeued job re-runs the batch script; the trainer resumes from the checkpoi
 
 SIGTERM (`kill`, `scancel`, SLURM's own preemption, torchrun passing on its own SIGTERM) is
 handled the same way up to the checkpoint, but never requeues: a job must stay cancellable. The
-run exits with STOP_EXIT_CODE (128 + SIGTERM, what a shell reports for a terminated process), not
-0, so that a batch script does not take the unfinished stage for a finished one and start the
-next; the same command resumes it. The step in progress finishes first: the grace period the
+run exits with STOP_EXIT_CODE, 0: it ended as asked, with nothing lost. A finished run is told
+from a stopped one by `<run.dir>/DONE` (written only at train.max_steps), which is what the batch
+script (slurm/stages.sh) checks before starting the next stage; the same command resumes it. The step in progress finishes first: the grace period the
 sender allows (SLURM's KillWait / GraceTime, torchrun's 30 s) must cover one step and a checkpoint.
 `train.preempt_grace_s` bounds it from this side: when that many seconds pass after the signal
 before the checkpoint is complete, the process requeues (SIGUSR2) and exits with the same code
@@ -36,7 +36,7 @@ STOP_SIGNAL = signal.SIGTERM  # checkpoint, exit STOP_EXIT_CODE
 # EX_TEMPFAIL of sysexits.h: "temporary failure, retry later". Distinct from 1 (an exception)
 # and 2 (a configuration or data error); slurm/stages.sh tests for it.
 EXIT_CODE = 75
-STOP_EXIT_CODE = 128 + signal.SIGTERM
+STOP_EXIT_CODE = 0  # stopped as asked; DONE is absent, so the run is not taken for finished
 _CODES = {STOP_SIGNAL: 1.0, SIGNAL: 2.0}  # all-reduced with max: a requeue request wins over a stop
 
 
