@@ -11,6 +11,7 @@ device and materialised by `lflm_dist.models.init`. What a family must provide:
                                  estimate); evaluation, the lm-eval adapter and sweeps use only this
   eval_layout()               -> EvalLayout: how held-out text is cut into scored windows
   sample(prompts, n, **opts)  -> token lists; `sampling_unavailable()` says why a model cannot
+  edit / interpolate / ...    latent tools where a family has them (a clear error otherwise)
   flops_per_token()           -> training FLOPs per token, frozen passes included
   shard_units()               -> submodules FSDP2 wraps, activation checkpointing recomputes and
                                  torch.compile compiles (transformer blocks, LSTM layers, ...)
