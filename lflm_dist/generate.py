@@ -7,7 +7,7 @@ import torch
 
 from lflm_dist.config import Config, SampleConfig, load_config
 from lflm_dist.data.tokenizer import Tokenizer
-from lflm_dist.models.registry import build_model
+from lflm_dist.models.registry import build_model, load_named_weights
 from lflm_dist.train.checkpoint import load_model_weights, load_state_into, resolve_checkpoint
 
 
@@ -45,9 +45,12 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
     if missing:
         raise FileNotFoundError(f"exported dir {p} lacks {missing}: export it again with launchers/export.py")
     state = {prefix + k: v for part, prefix in parts.items() for k, v in load_file(str(p / f"{part}.safetensors")).items()}
-    # what no part holds (Cola's frozen stage-2 reference encoder) is not exported: keep the fresh build
-    state = {**{k: v for k, v in model.state_dict().items() if not any(k.startswith(x) for x in parts.values())},
-             **state}
+    # what no part holds is not exported: it comes from the weights the model names (LFT's teacher,
+    # from model.lft.teacher), or, where it names none, stays as built (Cola's stage-2 reference encoder)
+    rest = {k: v for k, v in model.state_dict().items() if not any(k.startswith(x) for x in parts.values())}
+    if rest and load_named_weights(model):
+        rest = {k: v for k, v in model.state_dict().items() if k in rest}
+    state = {**rest, **state}
     load_state_into(model, state, f"exported dir {p} (weights vs its config.yaml)")
     return model.to(device).eval(), cfg, tok
 

