@@ -12,8 +12,8 @@ parameter in full.
 The distributions are PyTorch's defaults: nn.Linear weight and bias U(±1/sqrt(fan_in)),
 nn.Embedding N(0, 1), RMSNorm gain 1, nn.LSTM weights and biases U(±1/sqrt(hidden_size));
 modules marked by `zero_init` (adaLN-Zero) start at 0, and so do those marked
-`loaded_from_pretrained` (a pretrained teacher's, filled by `load_pretrained` next); a module with an `init_param(name, shape,
-generator)` method draws its own parameters (TarFlowLM's Gaussian codebook).
+`loaded_from_pretrained` (LFT's teacher, filled next by `registry.load_named_weights`); a module
+with an `init_param(name, shape, generator)` method draws its own parameters (TarFlowLM's Gaussian codebook).
 Buffers are reset by their module's `reset_buffers()`.
 """
 from __future__ import annotations

@@ -35,6 +35,11 @@ LAYER_PARTS = [("input_layernorm", "self_attn", "post_attention_layernorm", "mlp
                ("ln_1", "attn", "ln_2", "mlp")]  # GPT-2
 
 
+# the KV-cache arguments an LM may pass its decoder layers (names differ across transformers versions
+# and architectures); the flow layer never forwards them to its copied layer
+CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache", "use_cache")
+
+
 def decoder_layers(lm: nn.Module) -> tuple[nn.Module, str]:
     """(parent, attribute) of the ModuleList holding a causal LM's decoder layers: the one
     ModuleList with config.num_hidden_layers entries (model.layers, gpt_neox.layers, transformer.h)."""
@@ -138,11 +143,11 @@ class FlowLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         """x0 -> x1 in `self.steps` uniform steps."""
-        if kwargs.get("use_cache") and (kwargs.get("past_key_values") is not None or kwargs.get("layer_past") is not None):
+        if kwargs.get("use_cache") and any(kwargs.get(k) is not None for k in CACHE_KWARGS if k != "use_cache"):
             # each step attends at its own t, so cached keys of one forward don't serve the next
             raise RuntimeError("the LFT flow layer keeps no KV cache: run the student with use_cache=False "
                                "(e.g. generate(..., use_cache=False))")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "layer_past", "use_cache")}
+        kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
         times = torch.linspace(0, 1, self.steps + 1, device=hidden_states.device)
         return self.integrate(hidden_states, times, args, kwargs)
 
@@ -183,8 +188,7 @@ class BlockCapture:
     def _pre(self, _m, args, kwargs):
         self.x0 = self.x1 = args[0] if args else kwargs["hidden_states"]
         self.args = args[1:] if args else ()
-        self.kwargs = {k: v for k, v in kwargs.items()
-                       if k not in ("hidden_states", "past_key_values", "layer_past", "use_cache")}
+        self.kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states" and k not in CACHE_KWARGS}
         if self.stop:
             raise StopForward
 
