@@ -17,7 +17,6 @@ side. A run is reused when its final checkpoint exists, its compare.json when ne
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import subprocess
 import sys
@@ -49,7 +48,8 @@ def prepare() -> None:
     export_hf(fetch(), TEACHER)
     if (DATA / "valid" / "manifest.json").is_file():
         return
-    text = gzip.open(WIKI, "rt", encoding="utf-8").read()
+    from lflm_dist.eval.lft_metrics import read_text
+    text = read_text(WIKI)
     DATA.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer.load(TEACHER / "tokenizer.json")
     tok.save(DATA / "tokenizer.json")

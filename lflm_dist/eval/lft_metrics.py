@@ -19,20 +19,19 @@ through `lflm_dist.models.lft_layers`, so any HF causal LM works.
 """
 from __future__ import annotations
 
-import gzip
 import math
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from lflm_dist.data.corpus import _read_text
 from lflm_dist.models.lft_layers import BlockCapture, decoder_layers, layers_replaced
 
 
 def read_text(path: str | Path, max_chars: int = 0) -> str:
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
+    """A text or .gz file (the data tools' reader: UTF-8, clear errors), its first max_chars characters."""
+    text = _read_text(Path(path))
     return text[:max_chars] if max_chars else text
 
 
