@@ -32,6 +32,7 @@ ratio rises with the load.
 
     python bench/ar_vs_nanogpt.py                 # the recipe: 2000 steps each (~4 min on 2 idle cores)
     python bench/ar_vs_nanogpt.py --steps 300     # quicker timing-only check
+    python bench/ar_vs_nanogpt.py --attribution   # + ours without QK-norm, with LayerNorm, without RoPE
 
 The text is read from ../shared/data/tinyshakespeare/input.txt relative to the repository root
 (or --data); without it the script exits with a message and status 0.
@@ -173,12 +174,12 @@ def nano_lr(it: int, r=RECIPE, decay_iters: int = RECIPE["max_iters"]) -> float:
 class Ours:
     name = "ours"
 
-    def __init__(self, vocab: int, steps: int, attention: str, ffn_mult: float):
+    def __init__(self, vocab: int, steps: int, attention: str, ffn_mult: float, qk_norm: bool = True):
         from lflm_dist.config import load_config
         from lflm_dist.models.registry import build_model, count_params
         from lflm_dist.parallel import build_parallel
         r = RECIPE
-        net = f"{{dim: {r['n_embd']}, n_layers: {r['n_layer']}, n_heads: {r['n_head']}, ffn_mult: {ffn_mult}}}"
+        net = f"{{dim: {r['n_embd']}, n_layers: {r['n_layer']}, n_heads: {r['n_head']}, ffn_mult: {ffn_mult}, qk_norm: {str(qk_norm).lower()}}}"
         self.cfg = load_config(None, [
             "model.family=ar", f"model.vocab_size={vocab}", f"model.seq_len={r['block_size']}",
             f"model.attention={attention}", f"model.ar.net={net}",
@@ -218,6 +219,52 @@ class Ours:
         loss = float(m.loss({"input_ids": x})["loss"])
         m.train()
         return loss
+
+
+class _LayerNormNoBias(nn.Module):
+    """Diagnostic stand-in for RMSNorm: PyTorch's fused LayerNorm kernel (not our model)."""
+
+    def __init__(self, weight: nn.Parameter, eps: float):
+        super().__init__()
+        self.weight, self.eps = weight, eps
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, None, self.eps)
+
+
+class OursAttribution(Ours):
+    """Where ours' extra time per step goes (--attribution): ours with QK-norm off (a config:
+    model.ar.net.qk_norm=false), and two diagnostic models that are not ours: every RMSNorm
+    replaced by the fused LayerNorm kernel, or RoPE skipped."""
+
+    def __init__(self, variant: str, vocab: int, steps: int, attention: str, ffn_mult: float):
+        super().__init__(vocab, steps, attention, ffn_mult, qk_norm=variant != "noqk")
+        self.name, self.variant = f"ours-{variant}", variant
+        if variant == "layernorm":
+            from lflm_dist.models.blocks import RMSNorm
+            for mod in list(self.engine.module.modules()):
+                for child_name, child in list(mod.named_children()):
+                    if isinstance(child, RMSNorm):
+                        setattr(mod, child_name, _LayerNormNoBias(child.weight, child.eps))
+
+    def _run(self, fn, x: torch.Tensor) -> float:
+        if self.variant != "norope":
+            return fn(x)
+        from lflm_dist.models import blocks
+        rope, blocks.apply_rope = blocks.apply_rope, lambda t, freqs: t.float()
+        try:
+            return fn(x)
+        finally:
+            blocks.apply_rope = rope
+
+    def train_step(self, x: torch.Tensor) -> float:
+        return self._run(super().train_step, x)
+
+    def eval_loss(self, x: torch.Tensor) -> float:
+        return self._run(super().eval_loss, x)
+
+
+ATTRIBUTION = ("noqk", "layernorm", "norope")
 
 
 class Nano:
@@ -263,6 +310,8 @@ def main() -> None:
     p.add_argument("--ffn-mult", type=float, default=8 / 3, help="our SwiGLU hidden / dim")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--attribution", action="store_true",
+                   help=f"also time ours with {', '.join(ATTRIBUTION)} (see OursAttribution) in the same run")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "ar_vs_nanogpt.json"))
     a = p.parse_args()
     path = Path(a.data)
@@ -278,6 +327,9 @@ def main() -> None:
     train, val, vocab = load_chars(path)
     torch.manual_seed(a.seed)
     runners = [Ours(vocab, a.steps, a.attention, a.ffn_mult)]
+    for variant in ATTRIBUTION if a.attribution else ():
+        torch.manual_seed(a.seed)
+        runners.append(OursAttribution(variant, vocab, a.steps, a.attention, a.ffn_mult))
     torch.manual_seed(a.seed)
     runners.append(Nano(vocab, a.steps))
     gens = {m.name: torch.Generator().manual_seed(a.seed) for m in runners}  # same batches for both
@@ -311,16 +363,19 @@ def main() -> None:
                         "ms_per_step_mean": 1e3 * statistics.fmean(ts), "ms_per_step_min": 1e3 * min(ts),
                         "steps_timed": len(ts), "final_train_loss": last[m.name],
                         "val_loss": statistics.fmean(m.eval_loss(x) for x in val_batches)}
-    ratio = rows["ours"]["ms_per_step_median"] / rows["nanogpt"]["ms_per_step_median"]
+    for v in rows.values():
+        v["ratio_over_nanogpt"] = v["ms_per_step_median"] / rows["nanogpt"]["ms_per_step_median"]
+    ratio = rows["ours"]["ratio_over_nanogpt"]
     desc = (f"{a.steps} steps each (interleaved in chunks of {a.chunk}, first {a.warmup} untimed), batch "
             f"{r['batch_size']} x context {r['block_size']}, {r['n_layer']}L/{r['n_head']}H/{r['n_embd']}d, "
             f"vocab {vocab}, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}"
             + (", glibc malloc keeps freed memory (both)" if kept else ""))
     print(f"\n{desc}")
-    print(f"{'model':8} {'params':>8} {'ms/step':>8} {'(mean)':>7} {'(min)':>7} {'train loss':>10} {'val loss':>9}")
+    print(f"{'model':14} {'params':>8} {'ms/step':>8} {'(mean)':>7} {'(min)':>7} {'/ nanogpt':>9} {'train loss':>10} "
+          f"{'val loss':>9}")
     for k, v in rows.items():
-        print(f"{k:8} {v['params'] / 1e6:7.3f}M {v['ms_per_step_median']:8.1f} {v['ms_per_step_mean']:7.1f} "
-              f"{v['ms_per_step_min']:7.1f} {v['final_train_loss']:10.3f} {v['val_loss']:9.3f}")
+        print(f"{k:14} {v['params'] / 1e6:7.3f}M {v['ms_per_step_median']:8.1f} {v['ms_per_step_mean']:7.1f} "
+              f"{v['ms_per_step_min']:7.1f} {v['ratio_over_nanogpt']:9.3f} {v['final_train_loss']:10.3f} {v['val_loss']:9.3f}")
     print(f"ours / nanogpt ms/step (median): {ratio:.3f}   (val loss: nats/char on {a.eval_batches} batches of "
           f"{r['batch_size']}x{r['block_size']}; wall {wall:.0f}s)")
     out = Path(a.out)

@@ -10,6 +10,9 @@ each; then scores every model on the same held-out text. One row per ablation:
     valid (when ../shared/data is there), with the bound's terms (recon, -H(q), -log|J| of the
     latent normalisation, -log p of the normalised latents under the prior);
   * active latent dims (Var_x E_q[z_d] > 0.01 in the prior's normalised units, Burda et al.);
+  * history gain: how much the DiT's flow-matching loss falls with each sample's own clean
+    history rather than another sample's, in %, averaged over t in {0.95, 0.7, 0.4, 0.1, 0.02}
+    (bench/cola_history_gain.py; ~0 means an unconditional prior);
   * generation: continuations of validation prompts scored by generative perplexity under
     SmolLM2-135M with their unigram sample entropy; prompt dependence = the fraction of positions
     at which the continuations of two different prompts, sampled with the same seed, agree (an
@@ -56,6 +59,12 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
     "noref": ({}, {"model.cola.lambda_ref": 0.0}),
     "nomask": ({"model.vae.mask_prob": 0.0}, {"model.vae.mask_prob": 0.0}),
     "s1beta0.1": ({"model.vae.beta": 0.1}, {}),
+    # the Cola release's recipe: block sizes drawn among powers of two, clean prompt parts inside blocks
+    "recipe": ({}, {"model.dit.random_block_size": True, "model.dit.prompt_in_block_prob": 0.05}),
+    # the stage-2 weighting before beta1+fm16 became the default (the "base" row was measured with it)
+    "old": ({}, {"model.vae.beta": 0.01, "model.cola.lambda_fm": 1.0}),
+    # three times the stage-2 steps (the schedule stretched to them): does the prior learn to use its history?
+    "steps3x": ({}, {"train.max_steps": 2400, "train.ckpt_every": 2400}),
 }
 
 
@@ -109,6 +118,17 @@ def prompt_agreement(model, tok, prompts: list[list[int]], scfg, seed: int = 0) 
     return outs, sum(agree) / len(agree)
 
 
+def history_gain_pct(model, cfg, data: Path) -> float | None:
+    """Mean relative fm-loss gain (%) of the true over another sample's clean history (Cola only)."""
+    if getattr(model, "dit", None) is None:
+        return None
+    from cola_history_gain import history_gain
+    from lflm_dist.data.loader import eval_batches
+    x = next(iter(eval_batches(data / "valid", batch_size=64, seq_len=cfg.model.seq_len)))["input_ids"]
+    rows = history_gain(model, cfg, x)
+    return 100 * sum(r["relative_gain_vs_other"] for r in rows) / len(rows)
+
+
 def score(run: Path, data: Path, args, ref) -> dict:
     model, cfg, tok = load_run(run)
     torch.manual_seed(0)
@@ -123,6 +143,7 @@ def score(run: Path, data: Path, args, ref) -> dict:
                                       "terms_per_token")}
     val = load_eval_text(data / "valid", tok, args.max_chars).docs[:32]
     row["active_dims"] = active_dims(model, [torch.tensor([d]) for d in val])
+    row["history_gain"] = history_gain_pct(model, cfg, data)
     scfg = cfg.sample
     prompts = [d[:args.prompt_tokens] for d in val[:args.num_prompts]]
     outs, agree = prompt_agreement(model, tok, prompts, scfg)
@@ -135,8 +156,32 @@ def score(run: Path, data: Path, args, ref) -> dict:
     return row
 
 
+def unigram_row(data: Path, tok, max_chars: int) -> dict:
+    """The reference a latent model must beat to be using context at all: token frequencies of
+    the training split (add-0.5 smoothing), exact NLL of the same held-out texts (every token of
+    the scored documents, separators included)."""
+    from collections import Counter
+    from lflm_dist.data.loader import eval_batches
+    counts = Counter()
+    for b in eval_batches(data / "train", batch_size=256, seq_len=None):
+        counts.update(b["input_ids"].flatten().tolist())
+    logp = torch.tensor([counts.get(i, 0) + 0.5 for i in range(tok.vocab_size)], dtype=torch.float64)
+    logp = (logp / logp.sum()).log()
+    row = {"params": tok.vocab_size - 1, "active_dims": None, "generation": {"prompt_agreement": None, "sample_entropy": None}}
+    texts = {"demo_valid": data / "valid"}
+    if WIKI.is_file():
+        texts["wikitext2_valid"] = WIKI
+    for key, path in texts.items():
+        ev = load_eval_text(path, tok, max_chars)
+        ids = torch.tensor([t for d in ev.docs for t in d])
+        nll = -logp[ids].sum().item()
+        row[key] = {"kind": "exact", "nll_per_token": nll / len(ids), "bpc": nll / ev.chars / math.log(2),
+                    "tokens": len(ids), "chars": ev.chars, "terms_per_token": {}}
+    return row
+
+
 COLUMNS = ("ablation", "params", "demo nats/tok", "demo bpc", "wiki nats/tok", "wiki bpc", "recon", "-H(q)",
-           "-log|J|", "-log p(z_n)", "active dims", "gen PPL", "entropy", "prompt agree")
+           "-log|J|", "-log p(z_n)", "active dims", "hist gain %", "gen PPL", "entropy", "prompt agree")
 
 
 def row_cells(name: str, r: dict) -> list[str]:
@@ -145,18 +190,19 @@ def row_cells(name: str, r: dict) -> list[str]:
     t = (w or d)["terms_per_token"]
     g = r["generation"]
     f = lambda v, p=2: "-" if v is None or v != v else f"{v:.{p}f}"  # noqa: E731
-    return [name, f"{r['params'] / 1e6:.2f}M", f(d["nll_per_token"], 3), f(d["bpc"], 3),
+    params = f"{r['params'] / 1e6:.2f}M" if r["params"] >= 10_000 else str(r["params"])
+    return [name, params, f(d["nll_per_token"], 3), f(d["bpc"], 3),
             f(w["nll_per_token"] if w else None, 3), f(w["bpc"] if w else None, 3),
             f(t.get("recon")), f(t.get("neg_entropy")), f(t.get("neg_log_jacobian")),
             f(t.get("neg_log_prior_normalised")), str(r["active_dims"] if r["active_dims"] is not None else "-"),
-            f(g.get("gen_ppl"), 1), f(g["sample_entropy"]), f(g["prompt_agreement"])]
+            f(r.get("history_gain"), 3), f(g.get("gen_ppl"), 1), f(g["sample_entropy"]), f(g["prompt_agreement"])]
 
 
 def table(rows: dict, markdown: bool = False, columns=COLUMNS, cells_of=None) -> str:
     """Plain (right-aligned) or markdown table of rows {name: result}; shared with family_comparison.py."""
     cells = [list(columns)] + [(cells_of or row_cells)(n, r) for n, r in rows.items()]
     if markdown:
-        lines = ["| " + " | ".join(c) + " |" for c in cells]
+        lines = ["| " + " | ".join(x.replace("|", "\\|") for x in c) + " |" for c in cells]
         return "\n".join([lines[0], "|" + "---|" * len(columns)] + lines[1:])
     w = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     return "\n".join("  ".join(c[i].rjust(w[i]) for i in range(len(columns))) for c in cells)
@@ -187,21 +233,39 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ablations", default="base", help=f"comma-separated; '+' combines. Known: {', '.join(ABLATIONS)}")
     p.add_argument("--ar", action=argparse.BooleanOptionalAction, default=True, help="add the AR baseline row")
+    p.add_argument("--unigram", action=argparse.BooleanOptionalAction, default=True,
+                   help="add the unigram row (training-split token frequencies, exact)")
     p.add_argument("--steps1", type=int, default=400)
     p.add_argument("--steps2", type=int, default=800)
     p.add_argument("--runs", default=str(ROOT / "runs" / "ablation"))
     add_scoring_args(p)
+    p.add_argument("--history-gain-only", action="store_true",
+                   help="only add the history-gain column to the rows already in --out (their runs under --runs)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cola_bound_ablation.json"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     data, runs = Path(a.data), Path(a.runs)
     runs.mkdir(parents=True, exist_ok=True)
-    ref = reference_lm(a.ref_lm)
     out = Path(a.out)
     results = json.loads(out.read_text()) if out.is_file() else {"rows": {}}
+    if a.history_gain_only:
+        for name, row in results["rows"].items():
+            if name != "ar_baseline" and (runs / name).is_dir():
+                model, cfg, _ = load_run(runs / name)
+                row["history_gain"] = history_gain_pct(model, cfg, data)
+                print(f"{name}: history gain {row['history_gain']:.3f}%")
+        out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(table(results["rows"], markdown=True))
+        return
+    ref = reference_lm(a.ref_lm)
     results.update(steps1=a.steps1, steps2=a.steps2, max_chars=a.max_chars, ode_steps=a.ode_steps, data=str(data))
-    names = [n for n in a.ablations.split(",") if n] + (["ar_baseline"] if a.ar else [])
+    names = [n for n in a.ablations.split(",") if n] + (["ar_baseline"] if a.ar else []) + (["unigram"] if a.unigram else [])
     for name in names:
+        if name == "unigram":
+            from lflm_dist.data.tokenizer import Tokenizer
+            results["rows"][name] = unigram_row(data, Tokenizer.load(data / "tokenizer.json"), a.max_chars)
+            out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+            continue
         if name == "ar_baseline":
             run = runs / "ar"
             train("configs/ar_tiny.yaml", run, {"data.path": data}, a.steps2, runs / "ar.log", a.threads)
