@@ -61,9 +61,10 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
     "s1beta0.1": ({"model.vae.beta": 0.1}, {}),
     # the Cola release's recipe: block sizes drawn among powers of two, clean prompt parts inside blocks
     "recipe": ({}, {"model.dit.random_block_size": True, "model.dit.prompt_in_block_prob": 0.05}),
-    # the stage-2 weighting before beta1+fm16 became the default (the "base" row was measured with it)
+    # the stage-2 weighting before beta1+fm16 became the default
     "old": ({}, {"model.vae.beta": 0.01, "model.cola.lambda_fm": 1.0}),
-    # three times the stage-2 steps (the schedule stretched to them): does the prior learn to use its history?
+    # 2,400 stage-2 steps, 3x the default --steps2 (the schedule stretched to them): does the prior learn
+    # to use its history with more budget?
     "steps3x": ({}, {"train.max_steps": 2400, "train.ckpt_every": 2400}),
 }
 
@@ -129,15 +130,17 @@ def history_gain_pct(model, cfg, data: Path) -> float | None:
     return 100 * sum(r["relative_gain_vs_other"] for r in rows) / len(rows)
 
 
+def held_out_texts(data: Path) -> dict[str, Path]:
+    """The texts every row is scored on: the demo's validation split, and WikiText-2 valid when present."""
+    return {"demo_valid": data / "valid", **({"wikitext2_valid": WIKI} if WIKI.is_file() else {})}
+
+
 def score(run: Path, data: Path, args, ref) -> dict:
     model, cfg, tok = load_run(run)
     torch.manual_seed(0)
     s = BoundSettings(draws=1, method="rk4", steps=args.ode_steps, seed=0)
     row = {"params": sum(p.numel() for n, p in model.named_parameters() if not n.startswith("ref_encoder."))}
-    texts = {"demo_valid": data / "valid"}
-    if WIKI.is_file():
-        texts["wikitext2_valid"] = WIKI
-    for key, path in texts.items():
+    for key, path in held_out_texts(data).items():
         r = evaluate_likelihood(model, cfg, tok, load_eval_text(path, tok, args.max_chars), settings=s)
         row[key] = {k: r[k] for k in ("kind", "nll_per_token", "bpc", "tokens", "chars", "stderr_nll_per_token",
                                       "terms_per_token")}
@@ -168,10 +171,7 @@ def unigram_row(data: Path, tok, max_chars: int) -> dict:
     logp = torch.tensor([counts.get(i, 0) + 0.5 for i in range(tok.vocab_size)], dtype=torch.float64)
     logp = (logp / logp.sum()).log()
     row = {"params": tok.vocab_size - 1, "active_dims": None, "generation": {"prompt_agreement": None, "sample_entropy": None}}
-    texts = {"demo_valid": data / "valid"}
-    if WIKI.is_file():
-        texts["wikitext2_valid"] = WIKI
-    for key, path in texts.items():
+    for key, path in held_out_texts(data).items():
         ev = load_eval_text(path, tok, max_chars)
         ids = torch.tensor([t for d in ev.docs for t in d])
         nll = -logp[ids].sum().item()
