@@ -25,6 +25,7 @@ Ablations are named in ABLATIONS and combine with '+': --ablations base,beta1,be
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -66,6 +67,11 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
     # 2,400 stage-2 steps, 3x the default --steps2 (the schedule stretched to them): does the prior learn
     # to use its history with more budget?
     "steps3x": ({}, {"train.max_steps": 2400, "train.ckpt_every": 2400}),
+    # a token CE on the DiT's denoised estimate, read by the decoder (model.cola.lambda_denoised_ce)
+    "dce": ({}, {"model.cola.lambda_denoised_ce": 1.0}),
+    "dce4": ({}, {"model.cola.lambda_denoised_ce": 4.0}),
+    # capacity moved from the VAE to the prior (the only part that models context), ~equal parameters
+    "ditheavy": ({"model.vae.encoder.n_layers": 1, "model.vae.decoder.n_layers": 1}, {"model.dit.net.n_layers": 5}),
 }
 
 
@@ -147,16 +153,52 @@ def score(run: Path, data: Path, args, ref) -> dict:
     val = load_eval_text(data / "valid", tok, args.max_chars).docs[:32]
     row["active_dims"] = active_dims(model, [torch.tensor([d]) for d in val])
     row["history_gain"] = history_gain_pct(model, cfg, data)
-    scfg = cfg.sample
+    row["generation"] = generation(model, cfg, tok, val, args, ref)
+    return row
+
+
+def generation(model, cfg, tok, val: list[list[int]], args, ref, temperature: float | None = None) -> dict:
+    """Continuations of the first --num-prompts validation documents' first --prompt-tokens tokens
+    with the run's sampler (its temperature unless one is given): prompt agreement, sample
+    entropy, generative perplexity of prompt + continuation under the reference LM."""
+    scfg = copy.copy(cfg.sample)
+    if temperature is not None:
+        scfg.temperature = temperature
     prompts = [d[:args.prompt_tokens] for d in val[:args.num_prompts]]
     outs, agree = prompt_agreement(model, tok, prompts, scfg)
     texts_gen = [tok.decode(p + o) for p, o in zip(prompts, outs)]
-    row["generation"] = {"prompt_agreement": agree, "sample_entropy": sample_entropy(outs),
-                         "sampler": {k: getattr(scfg, k) for k in ("steps", "guidance", "temperature", "top_k")},
-                         "samples": texts_gen[:3]}
+    g = {"prompt_agreement": agree, "sample_entropy": sample_entropy(outs),
+         "sampler": {k: getattr(scfg, k) for k in ("steps", "guidance", "temperature", "top_k")},
+         "samples": texts_gen[:3]}
     if ref is not None:
-        row["generation"]["gen_ppl"] = generative_perplexity(texts_gen, lm=ref[0], lm_tok=ref[1])["gen_ppl"]
-    return row
+        g["gen_ppl"] = generative_perplexity(texts_gen, lm=ref[0], lm_tok=ref[1])["gen_ppl"]
+    return g
+
+
+def temperature_sweep(names: list[str], runs: Path, data: Path, args, ref, temperatures: list[float]) -> dict:
+    """Generative perplexity against sample entropy at several sampling temperatures per trained
+    row, so rows are compared at matched entropy (a lower-entropy sampler alone lowers it). Prompt
+    i is sampled with seed i here: with one seed for all (the table's columns), a sampler that
+    ignores its prompt writes near-copies, whose pooled entropy is low for that reason alone."""
+    out = {}
+    for name in names:
+        model, cfg, tok = load_run(runs / ("ar" if name == "ar_baseline" else name))
+        val = load_eval_text(data / "valid", tok, args.max_chars).docs[:32]
+        prompts = [d[:args.prompt_tokens] for d in val[:args.num_prompts]]
+        out[name] = []
+        for temp in temperatures:
+            s = cfg.sample
+            outs = [model.sample([p], s.max_new_tokens, steps=s.steps, guidance=s.guidance, temperature=temp,
+                                 top_k=s.top_k, top_p=s.top_p, pad_id=tok.eos_id,
+                                 generator=torch.Generator().manual_seed(i))[0] for i, p in enumerate(prompts)]
+            r = {"temperature": temp, "seeds": "prompt i: seed i", "sample_entropy": sample_entropy(outs)}
+            if ref is not None:
+                texts = [tok.decode(p + o) for p, o in zip(prompts, outs)]
+                r["gen_ppl"] = generative_perplexity(texts, lm=ref[0], lm_tok=ref[1])["gen_ppl"]
+            out[name].append(r)
+            print(f"{name:>12} T={temp:<4g} entropy {r['sample_entropy']:.2f}  gen PPL {r.get('gen_ppl', float('nan')):8.1f}",
+                  flush=True)
+    return out
 
 
 def unigram_row(data: Path, tok, max_chars: int) -> dict:
@@ -241,6 +283,10 @@ def main() -> None:
     add_scoring_args(p)
     p.add_argument("--history-gain-only", action="store_true",
                    help="only add the history-gain column to the rows already in --out (their runs under --runs)")
+    p.add_argument("--temperatures", default="",
+                   help="comma-separated: only sample the --ablations rows' trained runs at these temperatures, "
+                        "one seed per prompt (generative perplexity at matched entropy), into the JSON's "
+                        "temperature_sweep")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cola_bound_ablation.json"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -258,6 +304,14 @@ def main() -> None:
         print(table(results["rows"], markdown=True))
         return
     ref = reference_lm(a.ref_lm)
+    if a.temperatures:
+        names = [n for n in a.ablations.split(",") if n]
+        sweep = temperature_sweep(names, runs, data, a, ref, [float(t) for t in a.temperatures.split(",")])
+        results = json.loads(out.read_text()) if out.is_file() else results
+        results.setdefault("temperature_sweep", {}).update(sweep)
+        out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"wrote {out}")
+        return
     results.update(steps1=a.steps1, steps2=a.steps2, max_chars=a.max_chars, ode_steps=a.ode_steps, data=str(data))
     names = [n for n in a.ablations.split(",") if n] + (["ar_baseline"] if a.ar else []) + (["unigram"] if a.unigram else [])
     for name in names:
@@ -281,8 +335,9 @@ def main() -> None:
         row = score(run, data, a, ref)
         row["overrides"] = {} if name == "ar_baseline" else dict(zip(("stage1", "stage2"), resolve(name)))
         row["eval_seconds"] = round(time.time() - t0)
-        if out.is_file():  # another bench process may have added rows meanwhile
-            results["rows"] = {**json.loads(out.read_text())["rows"], **results["rows"]}
+        if out.is_file():  # another bench process may have added rows (or a sweep) meanwhile
+            disk = json.loads(out.read_text())
+            results = {**disk, **results, "rows": {**disk["rows"], **results["rows"]}}
         results["rows"][name] = row
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -11,6 +11,10 @@ influence be lost? Prints tables, writes JSON. Sections:
             with the second half's own latents taken from another sample. The block-causal
             encoder already folds the history into each block's latents, so a decoder that
             reads only its own block shows equal numbers in the first two columns.
+  latents   R^2 of a linear (ridge) prediction of each token's normalised posterior mean, fitted on
+            training windows and scored on validation ones, from its own token (one-hot), the
+            previous token, and the previous 4 positions' latent means: how much of a latent the
+            history could explain at all, in the L2 terms the flow-matching loss counts.
   guidance  prompt agreement (the fraction of positions at which the continuations of two
             different validation prompts, sampled with the same seed, agree; ~1 when the
             sampler ignores its prompt) for guidance weights 1..8.
@@ -81,6 +85,35 @@ def decoder_history(model, tokens: torch.Tensor, seed: int = 0) -> dict:
     other = z.roll(1, 0)
     return {"true": ce(z), "other_history": ce(torch.cat([other[:, :h], z[:, h:]], 1)),
             "other_own_latents": ce(torch.cat([z[:, :h], other[:, h:]], 1))}
+
+
+@torch.no_grad()
+def latent_predictability(model, cfg, data: Path, train_batches: int = 40, lam: float = 1.0) -> dict:
+    """Validation R^2 (mean over latent dims) of ridge fits of the normalised posterior mean (the
+    "latents" section above), fitted on `train_batches` batches of 64 training windows."""
+    V, L = cfg.model.vocab_size, cfg.model.seq_len
+
+    def collect(split, n):
+        toks = torch.cat([b["input_ids"] for b in itertools.islice(
+            eval_batches(data / split, batch_size=64, seq_len=L), n)])
+        return toks, model.vae.normalize(model.vae.encoder(toks)[0])
+
+    def features(toks, means, kind):
+        i = torch.arange(8, L)  # positions with 8 predecessors in the window
+        one_hot = lambda t: F.one_hot(t, V).float()  # noqa: E731
+        x = {"own_token": lambda: one_hot(toks[:, i]), "previous_token": lambda: one_hot(toks[:, i - 1]),
+             "previous_4_latents": lambda: torch.cat([means[:, i - k] for k in (1, 2, 3, 4)], -1)}[kind]()
+        x = x.reshape(-1, x.shape[-1])
+        return torch.cat([x, torch.ones(x.shape[0], 1)], 1), means[:, i].reshape(-1, means.shape[-1])
+
+    (t_tr, m_tr), (t_va, m_va) = collect("train", train_batches), collect("valid", 8)
+    out = {}
+    for kind in ("own_token", "previous_token", "previous_4_latents"):
+        x, y = features(t_tr, m_tr, kind)
+        w = torch.linalg.solve(x.T @ x + lam * torch.eye(x.shape[1]), x.T @ y)
+        xv, yv = features(t_va, m_va, kind)
+        out[kind] = (1 - (yv - xv @ w).pow(2).mean(0) / yv.var(0)).mean().item()
+    return out
 
 
 def guidance_sweep(model, cfg, tok, data: Path, weights=(1.0, 2.0, 4.0, 8.0), n_prompts: int = 8) -> list[dict]:
@@ -154,6 +187,8 @@ def main() -> None:
     d = result["decoder"] = decoder_history(model, x)
     print(f"decoder CE of the second half (nats/token): true latents {d['true']:.3f}, first half's latents from "
           f"another sample {d['other_history']:.3f}, own latents from another sample {d['other_own_latents']:.3f}")
+    r2 = result["latents"] = latent_predictability(model, cfg, data)
+    print("R^2 of the normalised posterior mean from: " + ", ".join(f"{k} {v:.3f}" for k, v in r2.items()))
     if not a.no_guidance:
         result["guidance"] = guidance_sweep(model, cfg, tok, data)
         print("prompt agreement by guidance: " + ", ".join(f"w={r['guidance']:g} {r['prompt_agreement']:.3f}"

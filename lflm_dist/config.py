@@ -99,6 +99,10 @@ class ColaConfig:
     lambda_vae: float = 1.0
     lambda_fm: float = 1.0
     lambda_ref: float = 0.1
+    # stage 2: weight of the token cross-entropy of the DiT's denoised estimate z0_hat = z_t - t v,
+    # read by the VAE decoder (CDCD's score-interpolation idea): the MSE of flow matching barely
+    # rewards using the history (docs/cola_ablation.md), a token CE does. 0 = off.
+    lambda_denoised_ce: float = 0.0
     ref_checkpoint: str = ""  # stage 2: run dir or checkpoint whose encoder is the reference
     # stage 2's latent normalisation (z - shift) * scale for the prior: stage1 (from ref_checkpoint,
     # frozen) | track (estimated during this run, as stage 1 does) | identity (shift 0, scale 1)

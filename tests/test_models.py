@@ -126,6 +126,25 @@ def test_dit_flow_matching_loss_falls():
     assert last < 0.7 * first, (first, last)
 
 
+def test_denoised_ce_adds_a_token_loss_on_the_dits_clean_estimate():
+    """model.cola.lambda_denoised_ce: the decoder's token CE of the DiT's z0_hat = z_t - t v. It draws
+    no noise of its own (fm equal to the run without it), adds lambda x the term to the loss, is a
+    per-sample mean (equal however a batch is split), and its gradient reaches the DiT."""
+    torch.manual_seed(0)
+    plain = build_model(cfg_for("model.cola.stage=2").model)
+    m = build_model(cfg_for("model.cola.stage=2", "model.cola.lambda_denoised_ce=0.5").model)
+    m.load_state_dict(plain.state_dict())
+    x, keys = tokens(8), sample_keys(3, 7, 0, 8)
+    a, b = plain.loss({"input_ids": x, "noise_key": keys}), m.loss({"input_ids": x, "noise_key": keys})
+    assert torch.equal(a["fm"], b["fm"]) and "denoised_ce" not in a
+    assert torch.allclose(b["loss"], a["loss"] + 0.5 * b["denoised_ce"], rtol=1e-6)
+    halves = [m.loss({"input_ids": x[i:i + 4], "noise_key": keys[i:i + 4]})["denoised_ce"] for i in (0, 4)]
+    assert torch.allclose(b["denoised_ce"], (halves[0] + halves[1]) / 2, rtol=1e-5)
+    b["denoised_ce"].backward()
+    assert m.dit.out.weight.grad.abs().sum() > 0  # zero-initialised output layer: v = 0, but not its gradient
+    assert m.flops_per_token() > plain.flops_per_token()
+
+
 def test_keyed_noise_makes_loss_independent_of_batch_split():
     torch.manual_seed(0)
     m = build_model(cfg_for("model.cola.stage=2", "model.vae.mask_prob=0.2").model)

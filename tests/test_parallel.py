@@ -22,8 +22,9 @@ from lflm_dist.generate import load_run
 from lflm_dist.parallel.plan import activation_bytes, plan
 from test_train import ROOT, launch, losses, overrides
 
-STEPS = ["train.max_steps=4", "train.ckpt_every=2"]
-FIRST = ["train.max_steps=2", "train.ckpt_every=2"]
+# with the decoder run twice per forward (lambda_denoised_ce): a module called twice under each strategy
+STEPS = ["train.max_steps=4", "train.ckpt_every=2", "model.cola.lambda_denoised_ce=0.5"]
+FIRST = ["train.max_steps=2", "train.ckpt_every=2", "model.cola.lambda_denoised_ce=0.5"]
 TP = ["parallel.tp=2"]
 FSDP = ["parallel.strategy=fsdp2"]
 CASES = {  # name: (overrides, processes, processes for the resumed half); global batch 8 throughout
@@ -165,13 +166,15 @@ def test_unsupported_combinations_fail_at_start_up():
         load_config(ROOT / "configs/cola_tiny.yaml", ["parallel.tp=3"])
 
 
-def test_activation_estimate_within_factor_two_of_saved_tensors(tiny_data):
+@pytest.mark.parametrize("extra", [[], ["model.cola.lambda_denoised_ce=1"]], ids=["plain", "denoised_ce"])
+def test_activation_estimate_within_factor_two_of_saved_tensors(extra, tiny_data):
     """The planner's activation bytes against the bytes autograd saves for backward in one
-    fp32 forward of the tiny model (micro-batch 4), with and without checkpointing."""
+    fp32 forward of the tiny model (micro-batch 4), with and without checkpointing (and with the
+    decoder's second pass of lambda_denoised_ce)."""
     from lflm_dist.models.noise import sample_keys
     from lflm_dist.models.registry import build_model
     from lflm_dist.parallel.fsdp import apply_activation_checkpointing
-    cfg = load_config(ROOT / "configs/cola_tiny.yaml", overrides(tiny_data, "unused"))
+    cfg = load_config(ROOT / "configs/cola_tiny.yaml", overrides(tiny_data, "unused", *extra))
     cfg.model.vocab_size = 385
     x = torch.randint(0, 384, (4, 32))
     measured = {}

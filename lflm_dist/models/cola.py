@@ -58,6 +58,8 @@ class ColaDLM(ModelFamily):
         m, c = cfg.model, cfg.model.cola
         if c.stage not in (1, 2):
             raise ConfigError(f"model.cola.stage must be one of [1, 2], got {c.stage!r}")
+        if c.lambda_denoised_ce < 0:
+            raise ConfigError(f"model.cola.lambda_denoised_ce must be >= 0, got {c.lambda_denoised_ce}")
         for key, value in (("model.vae.block_size", m.vae.block_size), ("model.dit.block_size", m.dit.block_size)):
             if value <= 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")
@@ -95,7 +97,12 @@ class ColaDLM(ModelFamily):
         else:
             terms, mean, logvar, z, enc_in = self.vae(tokens, noise, prior_term="neg_entropy")
             loss = c.lambda_vae * (terms["recon"] + self.cfg.vae.beta * terms["neg_entropy"])
-            terms["fm"] = self.dit.flow_matching_loss(self.vae.normalize(z), noise)
+            if c.lambda_denoised_ce > 0:
+                terms["fm"], z0_hat, scored = self.dit.flow_matching_loss(self.vae.normalize(z), noise, denoised=True)
+                terms["denoised_ce"] = self._denoised_ce(z0_hat, tokens, scored)
+                loss = loss + c.lambda_denoised_ce * terms["denoised_ce"]
+            else:
+                terms["fm"] = self.dit.flow_matching_loss(self.vae.normalize(z), noise)
             loss = loss + c.lambda_fm * terms["fm"]
             if self.ref_encoder is not None:
                 self.ref_encoder.eval()
@@ -107,6 +114,16 @@ class ColaDLM(ModelFamily):
             loss = loss + (c.lambda_vae if self.stage == 2 else 1.0) * self.cfg.vae.mask_weight * terms["mask_ce"]
         terms["loss"] = loss
         return terms
+
+    def _denoised_ce(self, z0_hat: torch.Tensor, tokens: torch.Tensor, scored: torch.Tensor | None) -> torch.Tensor:
+        """Token CE of the decoder reading the DiT's clean estimates (every block at its own t, the
+        history too): a classification loss on the prior, which the flow-matching MSE is not. Its
+        gradient reaches the decoder as well. Mean over all positions (given prompt parts add 0)."""
+        logits = self.vae.decoder(self.vae.denormalize(z0_hat))
+        ce = self.vae.token_ce(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1), reduction="none")
+        if scored is not None:
+            ce = ce * scored.reshape(-1)
+        return ce.sum() / ce.numel()
 
     # ------------------------------------------------------------------ likelihood
     def eval_layout(self) -> EvalLayout:
@@ -167,7 +184,9 @@ class ColaDLM(ModelFamily):
 
     def activation_stacks(self) -> list[tuple]:
         L, v = self.cfg.seq_len, self.cfg.vae
-        return [(v.encoder, L, False), (v.decoder, L, False)] + ([(self.cfg.dit.net, 2 * L, True)] if self.dit else [])
+        second_decoder = [(v.decoder, L, False)] if self.dit is not None and self.cfg.cola.lambda_denoised_ce > 0 else []
+        return ([(v.encoder, L, False), (v.decoder, L, False)] + second_decoder
+                + ([(self.cfg.dit.net, 2 * L, True)] if self.dit else []))
 
     def export_parts(self) -> dict[str, str]:
         """The VAE and the DiT; the frozen reference encoder is a training aid, not exported."""
@@ -236,7 +255,8 @@ class ColaDLM(ModelFamily):
         [clean | noisy] layout (so twice its per-position cost per token; adaLN once per DiT
         block) less what its last block skips for the clean half (attention of its queries, the
         output projection and the MLP: only the noisy half's velocity is read), and the frozen
-        reference encoder's forward pass (a third of its training cost)."""
+        reference encoder's forward pass (a third of its training cost), and the decoder's second
+        pass when lambda_denoised_ce > 0."""
         L = self.cfg.seq_len
         v = self.cfg.vae
         total = transformer_flops(v.encoder, L / 2).train + transformer_flops(v.decoder, L / 2).train
@@ -249,4 +269,6 @@ class ColaDLM(ModelFamily):
             total -= 6.0 * (d.dim * d.dim + 3 * d.dim * ffn_hidden(d)) + 6.0 * 2 * d.dim * L / 2
         if self.ref_encoder is not None:
             total += transformer_flops(v.encoder, L / 2).train / 3
+        if self.dit is not None and self.cfg.cola.lambda_denoised_ce > 0:  # a second decoder pass
+            total += transformer_flops(v.decoder, L / 2).train + 6.0 * v.decoder.dim * self.cfg.vocab_size
         return total

@@ -66,13 +66,15 @@ class BlockCausalDiT(nn.Module):
         bs = self.cfg.block_size
         return sorted({bs} | {1 << i for i in range(bs.bit_length()) if 1 << i <= bs})
 
-    def flow_matching_loss(self, z0: torch.Tensor, noise: Noise) -> torch.Tensor:
+    def flow_matching_loss(self, z0: torch.Tensor, noise: Noise, denoised: bool = False):
         """Clean-history + noisy-block layout: run `[sg(z0) | z_t]` (length 2L) once under
         `clean_noisy_mask`; noisy block b has its own t and sees clean blocks < b. The loss
         (MSE to eps - z0) is on the noisy half. With probability cfg_drop_prob a sequence
         loses its clean history, which trains the unconditional velocity for guidance. Given
         (clean) positions of the release's recipe add 0 to the loss, whose denominator stays
-        B*L*C, so it is a per-sample sum and equal however a batch is split."""
+        B*L*C, so it is a per-sample sum and equal however a batch is split. With `denoised`,
+        returns (loss, z0_hat [B, L, C], scored positions [B, L] or None for all): the network's
+        clean estimate z0_hat = z_t - t v (z_t = (1 - t) z0 + t eps and v = eps - z0)."""
         B, L, C = z0.shape
         block, t, t_cond, given = self._draw_layout(noise, B, L, z0.device)
         eps = noise.normal(z0.shape).to(z0.dtype)
@@ -87,7 +89,10 @@ class BlockCausalDiT(nn.Module):
         err = (v.float() - (eps - z0).float()).pow(2)
         if given is not None:
             err = err * (~given)[..., None]
-        return err.sum() / err.numel()
+        loss = err.sum() / err.numel()
+        if not denoised:
+            return loss
+        return loss, zt - t[..., None].to(v.dtype) * v, (None if given is None else ~given)
 
     def _draw_layout(self, noise: Noise, B: int, L: int, dev):
         """(block size: int or per-sample [B], t per position [B, L], the DiT's conditioning t
