@@ -67,6 +67,7 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
     # 2,400 stage-2 steps, 3x the default --steps2 (the schedule stretched to them): does the prior learn
     # to use its history with more budget?
     "steps3x": ({}, {"train.max_steps": 2400, "train.ckpt_every": 2400}),
+    "steps2x": ({}, {"train.max_steps": 1600, "train.ckpt_every": 1600}),  # what a 15-minute demo could afford
     # a token CE on the DiT's denoised estimate, read by the decoder (model.cola.lambda_denoised_ce)
     "dce": ({}, {"model.cola.lambda_denoised_ce": 1.0}),
     "dce4": ({}, {"model.cola.lambda_denoised_ce": 4.0}),
