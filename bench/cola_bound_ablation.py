@@ -25,7 +25,6 @@ Ablations are named in ABLATIONS and combine with '+': --ablations base,beta1,be
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import math
@@ -33,6 +32,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -113,14 +113,16 @@ def active_dims(model, windows: list[torch.Tensor]) -> int | None:
     return int((torch.cat(means).var(0) > 0.01).sum())
 
 
+def continuations(model, tok, prompts: list[list[int]], scfg, seeds: list[int]) -> list[list[int]]:
+    """Each prompt continued alone with the sampler settings `scfg`, prompt i under seeds[i]."""
+    return [model.sample([p], scfg.max_new_tokens, steps=scfg.steps, guidance=scfg.guidance,
+                         temperature=scfg.temperature, top_k=scfg.top_k, top_p=scfg.top_p, pad_id=tok.eos_id,
+                         generator=torch.Generator().manual_seed(seed))[0] for p, seed in zip(prompts, seeds)]
+
+
 def prompt_agreement(model, tok, prompts: list[list[int]], scfg, seed: int = 0) -> tuple[list[list[int]], float]:
     """Continue each prompt alone with the same seed; mean positional agreement over prompt pairs."""
-    outs = []
-    for p in prompts:
-        g = torch.Generator().manual_seed(seed)
-        outs.append(model.sample([p], scfg.max_new_tokens, steps=scfg.steps, guidance=scfg.guidance,
-                                 temperature=scfg.temperature, top_k=scfg.top_k, top_p=scfg.top_p,
-                                 pad_id=tok.eos_id, generator=g)[0])
+    outs = continuations(model, tok, prompts, scfg, [seed] * len(prompts))
     agree = [sum(a == b for a, b in zip(outs[i], outs[j])) / max(1, min(len(outs[i]), len(outs[j])))
              for i in range(len(outs)) for j in range(i + 1, len(outs))]
     return outs, sum(agree) / len(agree)
@@ -158,13 +160,11 @@ def score(run: Path, data: Path, args, ref) -> dict:
     return row
 
 
-def generation(model, cfg, tok, val: list[list[int]], args, ref, temperature: float | None = None) -> dict:
+def generation(model, cfg, tok, val: list[list[int]], args, ref) -> dict:
     """Continuations of the first --num-prompts validation documents' first --prompt-tokens tokens
-    with the run's sampler (its temperature unless one is given): prompt agreement, sample
-    entropy, generative perplexity of prompt + continuation under the reference LM."""
-    scfg = copy.copy(cfg.sample)
-    if temperature is not None:
-        scfg.temperature = temperature
+    with the run's sampler: prompt agreement, sample entropy, generative perplexity of prompt +
+    continuation under the reference LM."""
+    scfg = cfg.sample
     prompts = [d[:args.prompt_tokens] for d in val[:args.num_prompts]]
     outs, agree = prompt_agreement(model, tok, prompts, scfg)
     texts_gen = [tok.decode(p + o) for p, o in zip(prompts, outs)]
@@ -188,10 +188,7 @@ def temperature_sweep(names: list[str], runs: Path, data: Path, args, ref, tempe
         prompts = [d[:args.prompt_tokens] for d in val[:args.num_prompts]]
         out[name] = []
         for temp in temperatures:
-            s = cfg.sample
-            outs = [model.sample([p], s.max_new_tokens, steps=s.steps, guidance=s.guidance, temperature=temp,
-                                 top_k=s.top_k, top_p=s.top_p, pad_id=tok.eos_id,
-                                 generator=torch.Generator().manual_seed(i))[0] for i, p in enumerate(prompts)]
+            outs = continuations(model, tok, prompts, replace(cfg.sample, temperature=temp), list(range(len(prompts))))
             r = {"temperature": temp, "seeds": "prompt i: seed i", "sample_entropy": sample_entropy(outs)}
             if ref is not None:
                 texts = [tok.decode(p + o) for p, o in zip(prompts, outs)]
@@ -308,7 +305,7 @@ def main() -> None:
     if a.temperatures:
         names = [n for n in a.ablations.split(",") if n]
         sweep = temperature_sweep(names, runs, data, a, ref, [float(t) for t in a.temperatures.split(",")])
-        results = json.loads(out.read_text()) if out.is_file() else results
+        results = json.loads(out.read_text()) if out.is_file() else results  # rows another process added meanwhile
         results.setdefault("temperature_sweep", {}).update(sweep)
         out.write_text(json.dumps(results, indent=2, default=str) + "\n")
         print(f"wrote {out}")
