@@ -71,6 +71,8 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
     # a token CE on the DiT's denoised estimate, read by the decoder (model.cola.lambda_denoised_ce)
     "dce": ({}, {"model.cola.lambda_denoised_ce": 1.0}),
     "dce4": ({}, {"model.cola.lambda_denoised_ce": 4.0}),
+    # the prior's velocity from a per-token Gaussian mixture whose weights the DiT predicts with a token CE
+    "tokmix": ({}, {"model.dit.token_mixture": True}),
     # capacity moved from the VAE to the prior (the only part that models context), ~equal parameters
     "ditheavy": ({"model.vae.encoder.n_layers": 1, "model.vae.decoder.n_layers": 1}, {"model.dit.net.n_layers": 5}),
 }

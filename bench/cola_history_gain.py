@@ -6,6 +6,9 @@ influence be lost? Prints tables, writes JSON. Sections:
             true clean history, another sample's history, and no history (block 0, which never
             has one, left out). A prior that follows its prompt has a clearly lower loss with the
             true history; equal losses mean an unconditional prior.
+            With dit.token_mixture, also the cross-entropy of the DiT's p(token | z_t, history)
+            (over all noisy positions, and over each block's first one, right after the history):
+            at t ~ 1 it is what the prior knows of the next tokens from the history alone.
   decoder   the decoder's token cross-entropy on the second half of each window given the true
             latents, with the first half's latents (its history) taken from another sample, and
             with the second half's own latents taken from another sample. The block-causal
@@ -64,7 +67,14 @@ def history_gain(model, cfg, tokens: torch.Tensor, ts=(0.95, 0.7, 0.4, 0.1, 0.02
         row = {"t": t}
         for name, hist, drop in (("true", z0, None), ("other", z0.roll(1, 0), None),
                                  ("none", z0, torch.ones(B, dtype=torch.bool))):
-            v = model.dit(torch.cat([hist, zt], 1), tt, pos, AttnMask("clean_noisy", L, bs, drop_history=drop))[:, L:]
+            mask = AttnMask("clean_noisy", L, bs, drop_history=drop)
+            if model.dit.tokens is None:
+                v = model.dit(torch.cat([hist, zt], 1), tt, pos, mask)[:, L:]
+            else:  # dit.token_mixture: also the CE of its p(token | z_t, history), all and first positions
+                v, logits = model.dit(torch.cat([hist, zt], 1), tt, pos, mask, keep_from=L, with_logits=True)
+                ce = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")[:, bs:]
+                row[f"token_ce_{name}_history"] = ce.mean().item()
+                row[f"token_ce_{name}_history_first"] = ce[:, ::bs].mean().item()
             row[f"fm_{name}_history"] = (v - (eps - z0)).pow(2)[:, bs:].mean().item()
         row["relative_gain_vs_other"] = 1 - row["fm_true_history"] / row["fm_other_history"]
         rows.append(row)
@@ -152,7 +162,9 @@ def train_dit_only(model, cfg, data: Path, steps: int, lr: float, x_val: torch.T
         x = next(train)
         with torch.no_grad():
             z = model.vae.normalize(_posterior_sample(model, x, g))
-        loss = model.dit.flow_matching_loss(z, Noise(sample_keys(0, step, 0, x.shape[0]), x.device))
+        fm = model.dit.flow_matching_loss(z, Noise(sample_keys(0, step, 0, x.shape[0]), x.device), tokens=x)
+        c = cfg.model.cola  # the stage-2 weights relative to flow matching's
+        loss = fm["fm"] + c.lambda_token_ce / c.lambda_fm * fm.get("token_ce", 0.0)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.dit.parameters(), 1.0)
@@ -183,7 +195,9 @@ def main() -> None:
     print(f"{'t':>5} {'fm true hist':>13} {'other hist':>11} {'no hist':>9} {'gain':>7}")
     for r in result["rows"]:
         print(f"{r['t']:5.2f} {r['fm_true_history']:13.4f} {r['fm_other_history']:11.4f} {r['fm_none_history']:9.4f} "
-              f"{100 * r['relative_gain_vs_other']:6.2f}%")
+              f"{100 * r['relative_gain_vs_other']:6.2f}%"
+              + ("".join(f"  token CE {h} {r[f'token_ce_{h}_history']:.3f} (first {r[f'token_ce_{h}_history_first']:.3f})"
+                         for h in ("true", "other")) if "token_ce_true_history" in r else ""))
     d = result["decoder"] = decoder_history(model, x)
     print(f"decoder CE of the second half (nats/token): true latents {d['true']:.3f}, first half's latents from "
           f"another sample {d['other_history']:.3f}, own latents from another sample {d['other_own_latents']:.3f}")

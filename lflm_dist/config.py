@@ -91,6 +91,9 @@ class DiTConfig:
     random_block_size: bool = False
     prompt_in_block_prob: float = 0.0
     cfg_drop_prob: float = 0.1  # probability of dropping the clean history (for guidance)
+    # velocity of a per-token Gaussian mixture whose weights p(token | z_t, history) the network
+    # predicts, trained with a token cross-entropy (model.cola.lambda_token_ce; dit.TokenMixtureHead)
+    token_mixture: bool = False
 
 
 @dataclass
@@ -103,6 +106,8 @@ class ColaConfig:
     # read by the VAE decoder (CDCD's score-interpolation idea): the MSE of flow matching barely
     # rewards using the history (docs/cola_ablation.md), a token CE does. 0 = off.
     lambda_denoised_ce: float = 0.0
+    # stage 2 with dit.token_mixture: weight of the cross-entropy of the DiT's p(token | z_t, history)
+    lambda_token_ce: float = 1.0
     ref_checkpoint: str = ""  # stage 2: run dir or checkpoint whose encoder is the reference
     # stage 2's latent normalisation (z - shift) * scale for the prior: stage1 (from ref_checkpoint,
     # frozen) | track (estimated during this run, as stage 1 does) | identity (shift 0, scale 1)

@@ -1,5 +1,7 @@
 """Model behaviour: block-causal masks, KV caches, learning on a small overfit, keyed noise,
 deterministic sampling."""
+import math
+
 import pytest
 import torch
 
@@ -143,6 +145,64 @@ def test_denoised_ce_adds_a_token_loss_on_the_dits_clean_estimate():
     b["denoised_ce"].backward()
     assert m.dit.out.weight.grad.abs().sum() > 0  # zero-initialised output layer: v = 0, but not its gradient
     assert m.flops_per_token() > plain.flops_per_token()
+
+
+@torch.no_grad()
+def test_token_mixture_velocity_transports_noise_to_its_mixture():
+    """dit.TokenMixtureHead's velocity is the exact probability-flow field of
+    sum_k w_k N(mu_k, s2 I): integrating it from N(0, I) at t = 1 to t = 0 lands each sample near one
+    mean, with the mixture's weights as frequencies and s2 as the spread around the means. (A wrong
+    a_t or a missing (1 - t) factor sends the samples elsewhere or mixes the weights up.)"""
+    from lflm_dist.models.dit import TokenMixtureHead
+    head = TokenMixtureHead(4, 2, 3)
+    head.means.copy_(torch.tensor([[3.0, 0.0], [-3.0, 0.0], [0.0, 4.0]]))
+    head.var.fill_(0.05)
+    w = torch.tensor([0.6, 0.3, 0.1])
+    head.logits.bias.copy_(w.log())  # what a history would say; the weight is zero-initialised
+    n, steps = 6000, 400
+    x = torch.randn(1, n, 2, generator=torch.Generator().manual_seed(0))
+    h = torch.zeros(1, n, 4)
+    for i in range(steps):
+        t = 1 - i / steps
+        v, _ = head(h, x, torch.full((1, n), t))
+        x = x - v / steps
+    k = torch.cdist(x[0], head.means).argmin(1)
+    freq = torch.bincount(k, minlength=3) / n
+    torch.testing.assert_close(freq, w, atol=0.025, rtol=0)
+    spread = (x[0] - head.means[k]).pow(2).mean()
+    assert abs(spread.item() - 0.05) < 0.01, spread
+
+
+def test_token_mixture_adds_a_token_ce_on_the_prior():
+    """dit.token_mixture: the DiT's velocity comes with logits of p(token | z_t, history); the loss adds
+    lambda_token_ce x their CE (a per-sample mean: equal however a batch is split), the CE's
+    gradient reaches the head, and the FLOPs count the head. The token means are the running
+    means of each token's latents: after one step, exactly the step's per-token means."""
+    torch.manual_seed(0)
+    plain = build_model(cfg_for("model.cola.stage=2").model)
+    m = build_model(cfg_for("model.cola.stage=2", "model.dit.token_mixture=true", "model.cola.lambda_token_ce=0.5").model)
+    x, keys = tokens(8), sample_keys(3, 7, 0, 8)
+    unweighted = build_model(cfg_for("model.cola.stage=2", "model.dit.token_mixture=true",
+                                     "model.cola.lambda_token_ce=0").model)
+    unweighted.load_state_dict(m.state_dict())
+    out, a = m.loss({"input_ids": x, "noise_key": keys}), unweighted.loss({"input_ids": x, "noise_key": keys})
+    assert torch.equal(out["fm"], a["fm"])
+    assert torch.allclose(out["loss"], a["loss"] + 0.5 * out["token_ce"], rtol=1e-6)
+    assert abs(out["token_ce"].item() - math.log(V)) < 0.5  # starts near uniform over the vocabulary
+    halves = [m.loss({"input_ids": x[i:i + 4], "noise_key": keys[i:i + 4]})["token_ce"] for i in (0, 4)]
+    assert torch.allclose(out["token_ce"], (halves[0] + halves[1]) / 2, rtol=1e-5)
+    out["token_ce"].backward()
+    assert m.dit.tokens.logits.weight.grad.abs().sum() > 0
+    assert m.flops_per_token() > plain.flops_per_token()
+    head = m.dit.tokens
+    head._sums = None
+    z = torch.randn(8, L, m.cfg.vae.latent_dim, generator=torch.Generator().manual_seed(1))
+    head.accumulate(z[:4], x[:4])
+    head.accumulate(z[4:], x[4:])  # two micro-batches of one step
+    head.update_statistics()
+    k = int(x[0, 0])
+    torch.testing.assert_close(head.means[k], z[x == k].mean(0))
+    assert head.counts[k] == (x == k).sum() and head.means[(torch.bincount(x.flatten(), minlength=V) == 0)].abs().sum() == 0
 
 
 def test_keyed_noise_makes_loss_independent_of_batch_split():

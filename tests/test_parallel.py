@@ -22,9 +22,11 @@ from lflm_dist.generate import load_run
 from lflm_dist.parallel.plan import activation_bytes, plan
 from test_train import ROOT, launch, losses, overrides
 
-# with the decoder run twice per forward (lambda_denoised_ce): a module called twice under each strategy
-STEPS = ["train.max_steps=4", "train.ckpt_every=2", "model.cola.lambda_denoised_ce=0.5"]
-FIRST = ["train.max_steps=2", "train.ckpt_every=2", "model.cola.lambda_denoised_ce=0.5"]
+# with the decoder run twice per forward (lambda_denoised_ce): a module called twice under each strategy;
+# and the DiT's token mixture, whose running token means are summed over micro-batches and DP ranks
+COLA_TERMS = ["model.cola.lambda_denoised_ce=0.5", "model.dit.token_mixture=true"]
+STEPS = ["train.max_steps=4", "train.ckpt_every=2", *COLA_TERMS]
+FIRST = ["train.max_steps=2", "train.ckpt_every=2", *COLA_TERMS]
 TP = ["parallel.tp=2"]
 FSDP = ["parallel.strategy=fsdp2"]
 CASES = {  # name: (overrides, processes, processes for the resumed half); global batch 8 throughout
@@ -45,8 +47,9 @@ CASES = {  # name: (overrides, processes, processes for the resumed half); globa
 # What one TP rank holds 1/tp of, by parameter name (written out here rather than read from
 # lflm_dist.parallel.tp.tp_plan, so the memory check below is independent of the code it tests):
 # the blocks' linears, embeddings and heads, and the DiT's adaLN projections, timestep MLP and
-# final modulation with their biases, except the row-parallel t_embed.mlp.2.bias.
-TP_SHARDED = re.compile(r"\.(wqkv|wo|w12|w3|head|embed)\.weight$|\.(adaln|final_mod|t_embed\.mlp\.0)\.(weight|bias)$"
+# final modulation and token-mixture logits with their biases, except the row-parallel t_embed.mlp.2.bias.
+TP_SHARDED = re.compile(r"\.(wqkv|wo|w12|w3|head|embed)\.weight$"
+                        r"|\.(adaln|final_mod|t_embed\.mlp\.0|tokens\.logits)\.(weight|bias)$"
                         r"|\.t_embed\.mlp\.2\.weight$")
 
 

@@ -31,7 +31,7 @@ class ColaDLM(ModelFamily):
         self.cfg = cfg
         self.stage = cfg.cola.stage
         self.vae = TextVAE(cfg.vae, cfg.vocab_size)
-        self.dit = BlockCausalDiT(cfg.dit, cfg.vae.latent_dim) if self.stage == 2 else None
+        self.dit = BlockCausalDiT(cfg.dit, cfg.vae.latent_dim, cfg.vocab_size) if self.stage == 2 else None
         self.ref_encoder: TextEncoder | None = None
         if self.stage == 2:
             # stage1: frozen at the stage-1 values (loaded with its weights) so the prior's target does
@@ -58,8 +58,9 @@ class ColaDLM(ModelFamily):
         m, c = cfg.model, cfg.model.cola
         if c.stage not in (1, 2):
             raise ConfigError(f"model.cola.stage must be one of [1, 2], got {c.stage!r}")
-        if c.lambda_denoised_ce < 0:
-            raise ConfigError(f"model.cola.lambda_denoised_ce must be >= 0, got {c.lambda_denoised_ce}")
+        for key in ("lambda_denoised_ce", "lambda_token_ce"):
+            if getattr(c, key) < 0:
+                raise ConfigError(f"model.cola.{key} must be >= 0, got {getattr(c, key)}")
         for key, value in (("model.vae.block_size", m.vae.block_size), ("model.dit.block_size", m.dit.block_size)):
             if value <= 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")
@@ -97,13 +98,18 @@ class ColaDLM(ModelFamily):
         else:
             terms, mean, logvar, z, enc_in = self.vae(tokens, noise, prior_term="neg_entropy")
             loss = c.lambda_vae * (terms["recon"] + self.cfg.vae.beta * terms["neg_entropy"])
-            if c.lambda_denoised_ce > 0:
-                terms["fm"], z0_hat, scored = self.dit.flow_matching_loss(self.vae.normalize(z), noise, denoised=True)
-                terms["denoised_ce"] = self._denoised_ce(z0_hat, tokens, scored)
-                loss = loss + c.lambda_denoised_ce * terms["denoised_ce"]
-            else:
-                terms["fm"] = self.dit.flow_matching_loss(self.vae.normalize(z), noise)
+            zn = self.vae.normalize(z)
+            fm = self.dit.flow_matching_loss(zn, noise, denoised=c.lambda_denoised_ce > 0, tokens=tokens)
+            if self.dit.tokens is not None and self.training:  # the mixture's token means: unmasked inputs only
+                self.dit.tokens.accumulate(zn, tokens, keep=enc_in == tokens)
+            terms["fm"] = fm["fm"]
             loss = loss + c.lambda_fm * terms["fm"]
+            if c.lambda_denoised_ce > 0:
+                terms["denoised_ce"] = self._denoised_ce(fm["z0_hat"], tokens, fm["scored"])
+                loss = loss + c.lambda_denoised_ce * terms["denoised_ce"]
+            if "token_ce" in fm:
+                terms["token_ce"] = fm["token_ce"]
+                loss = loss + c.lambda_token_ce * terms["token_ce"]
             if self.ref_encoder is not None:
                 self.ref_encoder.eval()
                 with torch.no_grad():
@@ -256,7 +262,8 @@ class ColaDLM(ModelFamily):
         block) less what its last block skips for the clean half (attention of its queries, the
         output projection and the MLP: only the noisy half's velocity is read), and the frozen
         reference encoder's forward pass (a third of its training cost), and the decoder's second
-        pass when lambda_denoised_ce > 0."""
+        pass when lambda_denoised_ce > 0, and the token mixture's head (dit.token_mixture) on the
+        noisy half."""
         L = self.cfg.seq_len
         v = self.cfg.vae
         total = transformer_flops(v.encoder, L / 2).train + transformer_flops(v.decoder, L / 2).train
@@ -271,4 +278,6 @@ class ColaDLM(ModelFamily):
             total += transformer_flops(v.encoder, L / 2).train / 3
         if self.dit is not None and self.cfg.cola.lambda_denoised_ce > 0:  # a second decoder pass
             total += transformer_flops(v.decoder, L / 2).train + 6.0 * v.decoder.dim * self.cfg.vocab_size
+        if self.dit is not None and self.cfg.dit.token_mixture:  # logits head + 2 matmuls with the token means
+            total += 6.0 * self.cfg.vocab_size * (self.cfg.dit.net.dim + 2 * v.latent_dim)
         return total

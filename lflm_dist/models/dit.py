@@ -17,17 +17,102 @@ from lflm_dist.models.noise import Noise
 from lflm_dist.models.blocks import AttnMask, LayerCache, TimestepEmbedder, Transformer, modulate
 
 
+class TokenMixtureHead(nn.Module):
+    """The velocity of a Gaussian mixture with one component per token (dit.token_mixture).
+
+    A latent is close to a fixed embedding of its own token (docs/cola_ablation.md: 98.5% of a
+    posterior mean's variance), so model z0 | history as sum_k p(k | history) N(mu_k, diag s2).
+    Under z_t = (1 - t) z0 + t eps the posterior over k given z_t is
+    p(k | z_t, h) ∝ p(k | h) N(z_t; (1 - t) mu_k, var_t), var_t = (1 - t)^2 s2 + t^2, and the exact
+    velocity E[eps - z0 | z_t, h] is, per component, a_t (z_t - (1 - t) mu_k) - mu_k with
+    a_t = (t - (1 - t) s2) / var_t (finite at t = 0 and 1), so v = a_t z_t - (1 + (1 - t) a_t) m
+    with m = sum_k p(k | z_t, h) mu_k. The network gives the logits of p(k | z_t, h) less the
+    analytic log N term, i.e. what the history says about the token (an AR model's job at t = 1),
+    trained by a token cross-entropy (CDCD's score interpolation, here with the exact Gaussian
+    denoiser per token); the usual velocity head adds a residual for what is not per-token.
+
+    mu_k and s2 are running statistics of the latents the DiT is trained on, not parameters
+    (learned by gradient they hardly moved from their initial values in 800 steps): per token, the
+    mean of its normalised latents over about its last `window` occurrences; per dim, an EMA of the
+    squared residual z0 - mu_token. Like the VAE's latent shift/scale they are summed over a step's
+    micro-batches and data-parallel ranks and applied once per optimizer step (update_statistics),
+    so every rank holds those of a one-process run."""
+
+    window = 1000  # occurrences a token's mean averages over (a running mean until then)
+    momentum = 0.99  # EMA of the residual variance, per optimizer step
+
+    def __init__(self, dim: int, latent_dim: int, vocab_size: int):
+        super().__init__()
+        self.logits = zero_init(nn.Linear(dim, vocab_size))  # uniform over tokens at the start
+        self.register_buffer("means", torch.zeros(vocab_size, latent_dim))  # mu_k, normalised latent units
+        self.register_buffer("counts", torch.zeros(vocab_size))  # occurrences behind mu_k, capped at window
+        self.register_buffer("var", torch.ones(latent_dim))  # s2
+        self._sums: torch.Tensor | None = None
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """No token seen: mu = 0, s2 = 1 (the mixture is N(0, I), as normalised latents are)."""
+        if not self.means.is_meta:
+            self.means.zero_()
+            self.counts.zero_()
+            self.var.fill_(1.0)
+
+    @torch.no_grad()
+    def accumulate(self, z0: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Add a micro-batch's latents [B, L, C] and their tokens [B, L] (where `keep` [B, L], if
+        given) to this step's sums."""
+        V, C = self.means.shape
+        z, tok = z0.detach().double().reshape(-1, C), tokens.reshape(-1)
+        if keep is not None:
+            z, tok = z[keep.reshape(-1)], tok[keep.reshape(-1)]
+        per_token = torch.zeros(V, C + 1, dtype=torch.float64, device=z.device)
+        per_token.index_add_(0, tok, torch.cat([z, torch.ones_like(z[:, :1])], 1))
+        resid = (z - self.means[tok].double()).pow(2).sum(0)
+        sums = torch.cat([per_token.flatten(), resid, z.new_tensor([z.shape[0]])])
+        self._sums = sums if self._sums is None else self._sums + sums
+
+    @torch.no_grad()
+    def update_statistics(self, all_reduce_sum=None) -> None:
+        if self._sums is None:
+            return
+        sums, self._sums = self._sums, None
+        if all_reduce_sum is not None:
+            all_reduce_sum(sums)
+        V, C = self.means.shape
+        per_token, resid, n = sums[:V * (C + 1)].view(V, C + 1), sums[V * (C + 1):-1], sums[-1]
+        n_k = per_token[:, C]
+        batch_mean = per_token[:, :C] / n_k.clamp_min(1)[:, None]
+        w = (n_k / (self.counts.double() + n_k).clamp_min(1))[:, None]  # 0 for tokens not in the step
+        self.means.copy_((self.means.double() + w * (batch_mean - self.means.double())).to(self.means.dtype))
+        self.counts.copy_((self.counts + n_k.to(self.counts.dtype)).clamp_max(self.window))
+        self.var.mul_(self.momentum).add_((1 - self.momentum) * (resid / n).clamp_min(1e-4).to(self.var.dtype))
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor, t: torch.Tensor):
+        """h [B, T, D] modulated hidden state, x = z_t [B, T, C], t per position [B, T] ->
+        (velocity [B, T, C], logits of p(k | z_t, h) [B, T, V], fp32)."""
+        x, t, mu, s2 = x.float(), t.float()[..., None], self.means.float(), self.var.float()
+        var_t = (1 - t) ** 2 * s2 + t ** 2
+        w = (1 - t) / var_t  # log N(z_t; (1 - t) mu_k, var_t) = w.(z_t mu_k - (1 - t) mu_k^2 / 2) + const(k)
+        logits = self.logits(h).float() + (x * w) @ mu.T - 0.5 * ((1 - t) * w) @ (mu * mu).T
+        m = logits.softmax(-1) @ mu
+        a = (t - (1 - t) * s2) / var_t
+        return a * x - (1 + (1 - t) * a) * m, logits
+
+
 class BlockCausalDiT(nn.Module):
-    def __init__(self, cfg: DiTConfig, latent_dim: int):
+    def __init__(self, cfg: DiTConfig, latent_dim: int, vocab_size: int = 0):
         super().__init__()
         self.cfg, self.latent_dim = cfg, latent_dim
         d = cfg.net.dim
         self.inp = nn.Linear(latent_dim, d)
         self.t_embed = TimestepEmbedder(d)
         self.net = Transformer(cfg.net, adaln=True)
-        # adaLN-Zero: the prior starts as the zero velocity field.
+        # adaLN-Zero: the prior starts as the zero velocity field (plus the mixture's, if any).
         self.final_mod = zero_init(nn.Linear(d, 2 * d))
         self.out = zero_init(nn.Linear(d, latent_dim))
+        if cfg.token_mixture and vocab_size <= 0:
+            raise ValueError("dit.token_mixture needs the vocabulary size")
+        self.tokens = TokenMixtureHead(d, latent_dim, vocab_size) if cfg.token_mixture else None
 
     def tp_plan(self) -> TPPlan:
         """The blocks' split, Megatron's MLP split for the timestep MLP (one all-reduce), and
@@ -36,21 +121,31 @@ class BlockCausalDiT(nn.Module):
         add a collective to every forward for nothing measurable."""
         plan = self.net.tp_plan()
         plan.layers += [col(self.t_embed.mlp, "0"), row(self.t_embed.mlp, "2"), col(self, "final_mod", COL_GATHER)]
+        if self.tokens is not None:  # the mixture's softmax needs every token's logit
+            plan.layers.append(col(self.tokens, "logits", COL_GATHER))
         return plan
 
-    def _head(self, h, c):
-        shift, scale = self.final_mod(F.silu(c)).chunk(2, dim=-1)
-        return self.out(modulate(h, shift, scale))
-
     def forward(self, x, t, positions, mask, cache: list[LayerCache] | None = None, commit: bool = True,
-                keep_from: int = 0):
+                keep_from: int = 0, with_logits: bool = False):
         """x [B, T, C] latents -> velocity [B, T, C]. t is the time of each DiT block, [B, T/bs]
         (T a multiple of the block size), or of each position, [B, T]: the conditioning is
         embedded, and the adaLN modulations computed, once per entry of t. With keep_from (a
-        multiple of the block size), only the velocity of positions keep_from.. is computed."""
+        multiple of the block size), only the velocity of positions keep_from.. is computed.
+        with_logits: (velocity, the token mixture's logits [B, T - keep_from, V])."""
         c = self.t_embed(t)
         h = self.net(self.inp(x), positions, mask, cond=c, cache=cache, commit=commit, keep_from=keep_from)
-        return self._head(h, c[:, keep_from * c.shape[1] // x.shape[1]:])
+        c = c[:, keep_from * c.shape[1] // x.shape[1]:]
+        shift, scale = self.final_mod(F.silu(c)).chunk(2, dim=-1)
+        h = modulate(h, shift, scale)
+        v = self.out(h)
+        if self.tokens is None:
+            if with_logits:
+                raise ValueError("with_logits needs dit.token_mixture")
+            return v
+        t_pos = t.repeat_interleave(x.shape[1] // t.shape[1], dim=1)[:, keep_from:]
+        v_mix, logits = self.tokens(h, x[:, keep_from:], t_pos)
+        v = v + v_mix.to(v.dtype)
+        return (v, logits) if with_logits else v
 
     # ------------------------------------------------------------------ training
     def _draw_t(self, noise: Noise, shape: tuple) -> torch.Tensor:
@@ -66,15 +161,18 @@ class BlockCausalDiT(nn.Module):
         bs = self.cfg.block_size
         return sorted({bs} | {1 << i for i in range(bs.bit_length()) if 1 << i <= bs})
 
-    def flow_matching_loss(self, z0: torch.Tensor, noise: Noise, denoised: bool = False):
+    def flow_matching_loss(self, z0: torch.Tensor, noise: Noise, denoised: bool = False,
+                           tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Clean-history + noisy-block layout: run `[sg(z0) | z_t]` (length 2L) once under
         `clean_noisy_mask`; noisy block b has its own t and sees clean blocks < b. The loss
-        (MSE to eps - z0) is on the noisy half. With probability cfg_drop_prob a sequence
+        "fm" (MSE to eps - z0) is on the noisy half. With probability cfg_drop_prob a sequence
         loses its clean history, which trains the unconditional velocity for guidance. Given
         (clean) positions of the release's recipe add 0 to the loss, whose denominator stays
         B*L*C, so it is a per-sample sum and equal however a batch is split. With `denoised`,
-        returns (loss, z0_hat [B, L, C], scored positions [B, L] or None for all): the network's
-        clean estimate z0_hat = z_t - t v (z_t = (1 - t) z0 + t eps and v = eps - z0)."""
+        also "z0_hat" [B, L, C] and "scored" (positions [B, L], or None for all): the network's
+        clean estimate z0_hat = z_t - t v (z_t = (1 - t) z0 + t eps and v = eps - z0). With
+        dit.token_mixture, "token_ce": the cross-entropy of p(k | z_t, history) against the
+        latents' tokens [B, L], a per-sample mean over the noisy positions like "fm"."""
         B, L, C = z0.shape
         block, t, t_cond, given = self._draw_layout(noise, B, L, z0.device)
         eps = noise.normal(z0.shape).to(z0.dtype)
@@ -85,14 +183,23 @@ class BlockCausalDiT(nn.Module):
         tt = torch.cat([torch.zeros_like(t_cond), t_cond], dim=1)  # [B, 2 * t_cond.shape[1]]
         mask = AttnMask("clean_noisy", L, block, drop_history=self._drop_history(noise, B))
         pos = torch.arange(L, device=z0.device).repeat(2)  # noisy block b sits at clean block b's positions
-        v = self(x, tt, pos, mask, keep_from=L)  # the clean half's outputs are never read
+        out = self(x, tt, pos, mask, keep_from=L, with_logits=self.tokens is not None)  # clean half: never read
+        v, logits = out if self.tokens is not None else (out, None)
         err = (v.float() - (eps - z0).float()).pow(2)
         if given is not None:
             err = err * (~given)[..., None]
-        loss = err.sum() / err.numel()
-        if not denoised:
-            return loss
-        return loss, zt - t[..., None].to(v.dtype) * v, (None if given is None else ~given)
+        res = {"fm": err.sum() / err.numel()}
+        if logits is not None:
+            if tokens is None:
+                raise ValueError("dit.token_mixture: flow_matching_loss needs the latents' tokens")
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), reduction="none")
+            if given is not None:
+                ce = ce * (~given).reshape(-1)
+            res["token_ce"] = ce.sum() / ce.numel()
+        if denoised:
+            res["z0_hat"] = zt - t[..., None].to(v.dtype) * v
+            res["scored"] = None if given is None else ~given
+        return res
 
     def _draw_layout(self, noise: Noise, B: int, L: int, dev):
         """(block size: int or per-sample [B], t per position [B, L], the DiT's conditioning t
