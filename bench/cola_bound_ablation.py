@@ -73,6 +73,11 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
     "dce4": ({}, {"model.cola.lambda_denoised_ce": 4.0}),
     # the prior's velocity from a per-token Gaussian mixture whose weights the DiT predicts with a token CE
     "tokmix": ({}, {"model.dit.token_mixture": True}),
+    # the clean history's tokens embedded beside its latents: the prior is p(z_b | z_<b, x_<b)
+    "htok": ({}, {"model.dit.history_tokens": True}),
+    "tokce8": ({}, {"model.cola.lambda_token_ce": 8.0}),  # the mixture's token CE at half lambda_fm's weight
+    "tokce16": ({}, {"model.cola.lambda_token_ce": 16.0}),
+    "bs4": ({}, {"model.dit.block_size": 4}),  # DiT blocks of 4 latents (the VAE's block): fewer tokens per joint draw
     # capacity moved from the VAE to the prior (the only part that models context), ~equal parameters
     "ditheavy": ({"model.vae.encoder.n_layers": 1, "model.vae.decoder.n_layers": 1}, {"model.dit.net.n_layers": 5}),
 }

@@ -65,13 +65,15 @@ def history_gain(model, cfg, tokens: torch.Tensor, ts=(0.95, 0.7, 0.4, 0.1, 0.02
         zt = (1 - t) * z0 + t * eps
         tt = torch.cat([torch.zeros(B, L // bs), torch.full((B, L // bs), t)], 1)
         row = {"t": t}
-        for name, hist, drop in (("true", z0, None), ("other", z0.roll(1, 0), None),
-                                 ("none", z0, torch.ones(B, dtype=torch.bool))):
+        unknown = torch.full_like(tokens, -1)
+        for name, hist, hist_tokens, drop in (("true", z0, tokens, None), ("other", z0.roll(1, 0), tokens.roll(1, 0), None),
+                                              ("none", z0, tokens, torch.ones(B, dtype=torch.bool))):
             mask = AttnMask("clean_noisy", L, bs, drop_history=drop)
-            if model.dit.tokens is None:
-                v = model.dit(torch.cat([hist, zt], 1), tt, pos, mask)[:, L:]
-            else:  # dit.token_mixture: also the CE of its p(token | z_t, history), all and first positions
-                v, logits = model.dit(torch.cat([hist, zt], 1), tt, pos, mask, keep_from=L, with_logits=True)
+            mix = model.dit.tokens is not None
+            out = model.dit(torch.cat([hist, zt], 1), tt, pos, mask, keep_from=L, with_logits=mix,
+                            tokens=torch.cat([hist_tokens, unknown], 1))
+            v, logits = out if mix else (out, None)
+            if mix:  # dit.token_mixture: also the CE of its p(token | z_t, history), all and first positions
                 ce = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")[:, bs:]
                 row[f"token_ce_{name}_history"] = ce.mean().item()
                 row[f"token_ce_{name}_history_first"] = ce[:, ::bs].mean().item()

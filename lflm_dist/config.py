@@ -94,6 +94,13 @@ class DiTConfig:
     # velocity of a per-token Gaussian mixture whose weights p(token | z_t, history) the network
     # predicts, trained with a token cross-entropy (model.cola.lambda_token_ce; dit.TokenMixtureHead)
     token_mixture: bool = False
+    # the clean history's tokens embedded beside its latents: the prior is p(z_b | z_<b, x_<b). The
+    # decoder reads z_<=b only, so p(x, z) = prod_b p(z_b | z_<b, x_<b) p(x_b | z_<=b) is still a
+    # normalised joint and the -ELBO an upper bound; at sampling time the history's tokens are the
+    # prompt's and the decoded blocks'. A 16-d latent names its token only through the network's
+    # layers (docs/cola_ablation.md: the DiT's next-token CE stayed near the unigram's), an embedding
+    # table names it at once, as the AR baseline's does.
+    history_tokens: bool = False
 
 
 @dataclass

@@ -22,14 +22,21 @@ def _train(m, steps: int, g: torch.Generator) -> None:
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
-        m.vae.update_statistics()
+        for mod in m.modules():  # as the engine does after each step: the VAE's and the mixture's statistics
+            if hasattr(mod, "update_statistics"):
+                mod.update_statistics()
 
 
-@pytest.fixture(scope="module")
-def trained():
+# the prior of configs/cola_tiny.yaml: the token mixture and the history's tokens (docs/cola_ablation.md)
+PRIORS = {"latents": (), "tokens": ("model.dit.token_mixture=true", "model.dit.history_tokens=true",
+                                    "model.cola.lambda_token_ce=8")}
+
+
+@pytest.fixture(scope="module", params=list(PRIORS))
+def trained(request):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    common = ("model.vae.beta=0.01", "model.cola.latent_stats=track")
+    common = ("model.vae.beta=0.01", "model.cola.latent_stats=track", *PRIORS[request.param])
     stage1 = build_model(cfg_for("model.cola.stage=1", *common).model)
     _train(stage1, 200, g)
     m = build_model(cfg_for("model.cola.stage=2", *common, "model.cola.lambda_ref=0.1",
@@ -65,13 +72,15 @@ def test_dit_velocity_depends_on_clean_history(trained):
     t = 0.7
     xt = (1 - t) * target + t * torch.randn(target.shape, generator=torch.Generator().manual_seed(1))
     errs = {}
-    for name, hist in (("true", zn[:, :bs]), ("other", zn[:, :bs].roll(1, 0))):
+    for name, hist, toks in (("true", zn[:, :bs], seq[:, :bs]), ("other", zn[:, :bs].roll(1, 0), seq[:, :bs].roll(1, 0))):
         cache = m.dit.net.new_cache()
-        m.dit.extend_history(cache, hist, 0)
+        m.dit.extend_history(cache, hist, 0, toks)
         v_cached = m.dit(xt, torch.full((4, 1), t), torch.arange(bs, 2 * bs), None, cache=cache, commit=False)
         x = torch.cat([hist, hist, xt, xt], 1)  # training layout over two blocks: noisy block 1 sees clean block 0
         tt = torch.tensor([[0.0, 0.0, t, t]]).expand(4, 4)
-        v_train = m.dit(x, tt, torch.arange(2 * bs).repeat(2), AttnMask("clean_noisy", 2 * bs, bs))[:, 2 * bs + bs:]
+        unknown = torch.full_like(toks, -1)
+        v_train = m.dit(x, tt, torch.arange(2 * bs).repeat(2), AttnMask("clean_noisy", 2 * bs, bs),
+                        tokens=torch.cat([toks, toks, unknown, unknown], 1))[:, 2 * bs + bs:]
         torch.testing.assert_close(v_cached, v_train, rtol=1e-4, atol=1e-4)
         errs[name] = (xt - t * v_cached - target).pow(2).mean().item()  # error of the implied clean latent
     assert errs["true"] < 0.5 * errs["other"], errs

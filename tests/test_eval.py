@@ -28,13 +28,13 @@ SMOLLM2_DIR = Path(os.environ.get("LFLM_SMOLLM2_DIR", Path.home() / ".cache" / "
 V, L = 50, 16
 
 
-def tiny_cola(stage: int = 2, perturb: float = 0.3, seed: int = 0):
+def tiny_cola(stage: int = 2, perturb: float = 0.3, seed: int = 0, extra: tuple = ()):
     cfg = load_config(None, [f"model.vocab_size={V}", f"model.seq_len={L}", "model.vae.encoder.dim=16",
                              "model.vae.decoder.dim=16", "model.vae.encoder.n_heads=2", "model.vae.decoder.n_heads=2",
                              "model.vae.encoder.n_layers=1", "model.vae.decoder.n_layers=1", "model.vae.latent_dim=4",
                              "model.dit.net.dim=16", "model.dit.net.n_heads=2", "model.dit.net.n_layers=1",
                              "model.dit.block_size=8", f"model.cola.stage={stage}", "model.cola.lambda_ref=0",
-                             "model.cola.latent_stats=identity"])
+                             "model.cola.latent_stats=identity", *extra])
     torch.manual_seed(seed)
     m = build_model(cfg.model).eval()
     if m.dit is not None and perturb:
@@ -98,13 +98,32 @@ def test_cnf_log_density_hutchinson_is_unbiased(dist):
 
 
 # ----------------------------------------------------------------------------- Cola bound
-def test_history_velocity_equals_training_layout():
-    m, _ = tiny_cola()
-    z0, x = torch.randn(2, L, 4), torch.randn(2, L, 4)
-    v = m.dit.history_velocity(z0)(x, torch.tensor(0.37))
+@pytest.mark.parametrize("history_tokens", [False, True])
+def test_history_velocity_equals_training_layout(history_tokens):
+    m, _ = tiny_cola(extra=(f"model.dit.history_tokens={history_tokens}",))
+    z0, x, tk = torch.randn(2, L, 4), torch.randn(2, L, 4), toks()
+    v = m.dit.history_velocity(z0, tk)(x, torch.tensor(0.37))
     full = m.dit(torch.cat([z0, x], 1), torch.cat([torch.zeros(2, L), torch.full((2, L), 0.37)], 1),
-                 torch.arange(L).repeat(2), clean_noisy_mask(L, 8))[:, L:]
+                 torch.arange(L).repeat(2), clean_noisy_mask(L, 8), tokens=torch.cat([tk, torch.full_like(tk, -1)], 1))[:, L:]
     assert torch.allclose(v, full, atol=1e-5)
+
+
+def test_history_tokens_reach_the_prior_through_the_clean_history_only():
+    """dit.history_tokens: the prior of block b is p(z_b | z_<b, x_<b). The tokens of block 0 move
+    the velocity of the block after it and not its own (so p(x, z) stays a normalised
+    joint with the block-causal decoder and the -ELBO a bound); a model without the key ignores them."""
+    assert L == 16  # two DiT blocks of 8
+    z0, x, tk = torch.randn(2, L, 4), torch.randn(2, L, 4), toks()
+    other = tk.clone()
+    other[:, :8] = (other[:, :8] + 1) % V
+    for history_tokens in (True, False):
+        m, _ = tiny_cola(extra=(f"model.dit.history_tokens={history_tokens}",))
+        v, v_other = (m.dit.history_velocity(z0, t)(x, torch.tensor(0.37)) for t in (tk, other))
+        torch.testing.assert_close(v[:, :8], v_other[:, :8])
+        assert (v[:, 8:] - v_other[:, 8:]).abs().max() > 1e-3 if history_tokens else torch.equal(v, v_other)
+    with pytest.raises(ValueError, match="history_tokens"):
+        m, _ = tiny_cola(extra=("model.dit.history_tokens=true",))
+        m.dit.history_velocity(z0)
 
 
 def test_bound_terms_add_up_and_include_the_normalisation_jacobian():

@@ -23,8 +23,9 @@ from lflm_dist.parallel.plan import activation_bytes, plan
 from test_train import ROOT, launch, losses, overrides
 
 # with the decoder run twice per forward (lambda_denoised_ce): a module called twice under each strategy;
-# and the DiT's token mixture, whose running token means are summed over micro-batches and DP ranks
-COLA_TERMS = ["model.cola.lambda_denoised_ce=0.5", "model.dit.token_mixture=true"]
+# the DiT's token mixture, whose running token means are summed over micro-batches and DP ranks; and
+# the history's token embedding (replicated under TP)
+COLA_TERMS = ["model.cola.lambda_denoised_ce=0.5", "model.dit.token_mixture=true", "model.dit.history_tokens=true"]
 STEPS = ["train.max_steps=4", "train.ckpt_every=2", *COLA_TERMS]
 FIRST = ["train.max_steps=2", "train.ckpt_every=2", *COLA_TERMS]
 TP = ["parallel.tp=2"]

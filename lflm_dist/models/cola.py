@@ -227,26 +227,29 @@ class ColaDLM(ModelFamily):
             n = max(bs, -(-n // bs) * bs)
         B = len(prompts)
         dit_cache, dec_cache = self.dit.net.new_cache(), self.vae.decoder.net.new_cache()
-        full, prefix = n // bs * bs, None
+        full, prefix, prefix_tokens = n // bs * bs, None, None
         if n:
             toks = torch.tensor([[pad_id] * (n - len(p)) + list(p) for p in prompts], device=device)
             mean, _ = self.vae.encoder(toks)
             if full:
-                self.dit.extend_history(dit_cache, self.vae.normalize(mean[:, :full]), 0)
+                self.dit.extend_history(dit_cache, self.vae.normalize(mean[:, :full]), 0, toks[:, :full])
                 self.vae.decoder(mean[:, :full], cache=dec_cache)  # decoder history = the prompt's latents
             if n > full:
-                prefix = self.vae.normalize(mean[:, full:])
+                prefix, prefix_tokens = self.vae.normalize(mean[:, full:]), toks[:, full:]
         out = [[] for _ in range(B)]
         pos = full
         while len(out[0]) < max_new_tokens:
-            zn = self.dit.sample_block(dit_cache, pos, B, steps, guidance, generator, device, prefix=prefix)
+            zn = self.dit.sample_block(dit_cache, pos, B, steps, guidance, generator, device, prefix=prefix,
+                                       prefix_tokens=prefix_tokens)
             logits = self.vae.decoder(self.vae.denormalize(zn), cache=dec_cache)
             new = sample_token(logits, temperature, top_k, top_p, generator)
             r = 0 if prefix is None else prefix.shape[1]  # the prompt's own tokens are not output
+            if r:
+                new[:, :r] = prefix_tokens
             for i in range(B):
                 out[i].extend(new[i, r:].tolist())
-            self.dit.extend_history(dit_cache, zn, pos)
-            pos, prefix = pos + bs, None
+            self.dit.extend_history(dit_cache, zn, pos, new)
+            pos, prefix, prefix_tokens = pos + bs, None, None
         self.train(was_training)
         return [o[:max_new_tokens] for o in out]
 

@@ -68,7 +68,8 @@ def cola_bound_terms(model, tokens: torch.Tensor, *, k: int = 1, settings: Bound
         nfe = 0
     else:
         zn = vae.normalize(z)
-        log_pzn, info = cnf_log_density(model.dit.history_velocity(zn), zn, generator=generator, **s.ode_kwargs(),
+        velocity = model.dit.history_velocity(zn, tokens.repeat_interleave(k, 0))
+        log_pzn, info = cnf_log_density(velocity, zn, generator=generator, **s.ode_kwargs(),
                                         probe_vectors=noise.get("probes") if noise else None)
         log_jac = (L * vae.latent_scale.float().abs().log().sum()).expand(B)
         nfe = info["nfe"]

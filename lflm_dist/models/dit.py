@@ -113,12 +113,17 @@ class BlockCausalDiT(nn.Module):
         if cfg.token_mixture and vocab_size <= 0:
             raise ValueError("dit.token_mixture needs the vocabulary size")
         self.tokens = TokenMixtureHead(d, latent_dim, vocab_size) if cfg.token_mixture else None
+        if cfg.history_tokens and vocab_size <= 0:
+            raise ValueError("dit.history_tokens needs the vocabulary size")
+        # the clean history's tokens (dit.history_tokens); replicated under TP, like inp
+        self.tok_embed = nn.Embedding(vocab_size, d) if cfg.history_tokens else None
 
     def tp_plan(self) -> TPPlan:
         """The blocks' split, Megatron's MLP split for the timestep MLP (one all-reduce), and
         final_mod gathered (its shift / scale multiply the full hidden state). inp / out stay
         replicated: latent_dim wide, ~17·D parameters each (35k at D = 2048); sharding them would
-        add a collective to every forward for nothing measurable."""
+        add a collective to every forward for nothing measurable. tok_embed (dit.history_tokens)
+        stays replicated too: a lookup, no matmul to split."""
         plan = self.net.tp_plan()
         plan.layers += [col(self.t_embed.mlp, "0"), row(self.t_embed.mlp, "2"), col(self, "final_mod", COL_GATHER)]
         if self.tokens is not None:  # the mixture's softmax needs every token's logit
@@ -126,14 +131,19 @@ class BlockCausalDiT(nn.Module):
         return plan
 
     def forward(self, x, t, positions, mask, cache: list[LayerCache] | None = None, commit: bool = True,
-                keep_from: int = 0, with_logits: bool = False):
+                keep_from: int = 0, with_logits: bool = False, tokens: torch.Tensor | None = None):
         """x [B, T, C] latents -> velocity [B, T, C]. t is the time of each DiT block, [B, T/bs]
         (T a multiple of the block size), or of each position, [B, T]: the conditioning is
         embedded, and the adaLN modulations computed, once per entry of t. With keep_from (a
         multiple of the block size), only the velocity of positions keep_from.. is computed.
-        with_logits: (velocity, the token mixture's logits [B, T - keep_from, V])."""
+        with_logits: (velocity, the token mixture's logits [B, T - keep_from, V]). tokens [B, T]
+        (dit.history_tokens): the token of each clean position, -1 where none is known (noisy)."""
         c = self.t_embed(t)
-        h = self.net(self.inp(x), positions, mask, cond=c, cache=cache, commit=commit, keep_from=keep_from)
+        h = self.inp(x)
+        if self.tok_embed is not None and tokens is not None:
+            known = (tokens >= 0)[..., None]
+            h = h + self.tok_embed(tokens.clamp_min(0)).to(h.dtype) * known
+        h = self.net(h, positions, mask, cond=c, cache=cache, commit=commit, keep_from=keep_from)
         c = c[:, keep_from * c.shape[1] // x.shape[1]:]
         shift, scale = self.final_mod(F.silu(c)).chunk(2, dim=-1)
         h = modulate(h, shift, scale)
@@ -183,7 +193,14 @@ class BlockCausalDiT(nn.Module):
         tt = torch.cat([torch.zeros_like(t_cond), t_cond], dim=1)  # [B, 2 * t_cond.shape[1]]
         mask = AttnMask("clean_noisy", L, block, drop_history=self._drop_history(noise, B))
         pos = torch.arange(L, device=z0.device).repeat(2)  # noisy block b sits at clean block b's positions
-        out = self(x, tt, pos, mask, keep_from=L, with_logits=self.tokens is not None)  # clean half: never read
+        tok_in = None
+        if self.tok_embed is not None:
+            if tokens is None:
+                raise ValueError("dit.history_tokens: flow_matching_loss needs the latents' tokens")
+            unknown = torch.full_like(tokens, -1)  # a given prompt part's tokens are known, the rest not
+            tok_in = torch.cat([tokens, unknown if given is None else torch.where(given, tokens, unknown)], 1)
+        out = self(x, tt, pos, mask, keep_from=L, with_logits=self.tokens is not None,
+                   tokens=tok_in)  # clean half: never read
         v, logits = out if self.tokens is not None else (out, None)
         err = (v.float() - (eps - z0).float()).pow(2)
         if given is not None:
@@ -235,12 +252,13 @@ class BlockCausalDiT(nn.Module):
     @torch.no_grad()
     def sample_block(self, cache: list[LayerCache] | None, start: int, batch: int, steps: int,
                      guidance: float = 1.0, generator=None, device=None, dtype=torch.float32,
-                     prefix: torch.Tensor | None = None) -> torch.Tensor:
+                     prefix: torch.Tensor | None = None, prefix_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Integrate one block of latents from noise (t=1) to data (t=0) given the clean
         history in `cache` (positions < start). Guidance: v = v_u + w (v_c - v_u), where the
         unconditional velocity sees no history (off when there is none). `prefix` [B, r, C]:
         the block's first r latents are given (a prompt ending inside the block; models trained
-        with prompt_in_block_prob): they stay clean at t = 0 and the rest is integrated."""
+        with prompt_in_block_prob): they stay clean at t = 0 and the rest is integrated;
+        `prefix_tokens` [B, r] are their tokens (dit.history_tokens)."""
         bs = self.cfg.block_size
         r = 0 if prefix is None else prefix.shape[1]
         pos = torch.arange(start, start + bs, device=device)
@@ -248,14 +266,18 @@ class BlockCausalDiT(nn.Module):
         if r:
             x[:, :r] = prefix.to(dtype)
         has_hist = cache is not None and len(cache[0]) > 0  # the block sees all its history: no mask
+        tok = None
+        if r and prefix_tokens is not None:
+            tok = torch.full((batch, bs), -1, dtype=torch.long, device=device)
+            tok[:, :r] = prefix_tokens
         ts = torch.linspace(1.0, 0.0, steps + 1, device=device)
         for i in range(steps):
             t = torch.full((batch, 1), float(ts[i]), device=device)  # one DiT block
             if r:  # per position: the given part is clean
                 t = torch.cat([torch.zeros(batch, r, device=device), t.expand(batch, bs - r)], 1)
-            v = self(x, t, pos, None, cache=cache if has_hist else None, commit=False)
+            v = self(x, t, pos, None, cache=cache if has_hist else None, commit=False, tokens=tok)
             if has_hist and guidance != 1.0:
-                v_u = self(x, t, pos, None)
+                v_u = self(x, t, pos, None, tokens=tok)
                 v = v_u + guidance * (v - v_u)
             if r:
                 v[:, :r] = 0
@@ -263,18 +285,23 @@ class BlockCausalDiT(nn.Module):
         return x
 
     @torch.no_grad()
-    def extend_history(self, cache: list[LayerCache], z0_block: torch.Tensor, start: int) -> None:
-        """Append a clean block (t = 0) to the KV cache, as the clean half sees it in training."""
+    def extend_history(self, cache: list[LayerCache], z0_block: torch.Tensor, start: int,
+                       tokens: torch.Tensor | None = None) -> None:
+        """Append a clean block (t = 0) to the KV cache, as the clean half sees it in training;
+        `tokens` [B, T] its tokens (required with dit.history_tokens)."""
+        if self.tok_embed is not None and tokens is None:
+            raise ValueError("dit.history_tokens: the clean history's tokens are needed beside its latents")
         T = z0_block.shape[1]
         pos = torch.arange(start, start + T, device=z0_block.device)
         mask = AttnMask("block_causal", start + T, self.cfg.block_size, q_start=start)
         t = torch.zeros(z0_block.shape[0], T // self.cfg.block_size, device=z0_block.device)
-        self(z0_block, t, pos, mask, cache=cache, commit=True)
+        self(z0_block, t, pos, mask, cache=cache, commit=True, tokens=tokens)
 
     # ------------------------------------------------------------------ likelihood
     @torch.no_grad()
-    def history_velocity(self, z0: torch.Tensor):
-        """Velocity field of every noisy block at once, each conditioned on its clean history.
+    def history_velocity(self, z0: torch.Tensor, tokens: torch.Tensor | None = None):
+        """Velocity field of every noisy block at once, each conditioned on its clean history
+        (and its tokens [B, L] with dit.history_tokens).
 
         The clean latents `z0` [B, L, C] go into a KV cache once (exactly as `extend_history`
         appends them at sampling time, t = 0, block-causal); the returned `velocity(x, t)` then
@@ -289,7 +316,7 @@ class BlockCausalDiT(nn.Module):
         if L % bs:
             raise ValueError(f"latent length {L} is not a multiple of the DiT block size {bs}")
         cache = self.net.new_cache()
-        self.extend_history(cache, z0, 0)
+        self.extend_history(cache, z0, 0, tokens)
         mask = AttnMask("clean_noisy", L, bs, q_start=L)
         pos = torch.arange(L, device=z0.device)
 
