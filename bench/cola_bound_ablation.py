@@ -49,6 +49,9 @@ WIKI = ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens.gz"
 # name -> (stage-1 overrides, stage-2 overrides); a key in both applies to both stages
 ABLATIONS: dict[str, tuple[dict, dict]] = {
     "base": ({}, {}),
+    # the defaults before 2026-11-25, on which every row of docs/cola_ablation.md's table ran: rerun row X as prev+X
+    "prev": ({}, {"model.dit.block_size": 8, "model.dit.token_mixture": False, "model.dit.history_tokens": False,
+                  "model.cola.lambda_token_ce": 1.0}),
     "beta1": ({}, {"model.vae.beta": 1.0}),  # the stage-2 entropy term at its ELBO weight
     "beta0.1": ({}, {"model.vae.beta": 0.1}),
     "fm16": ({}, {"model.cola.lambda_fm": 16.0}),  # fm summed over the 16 dims, as -log p(z) is
@@ -81,6 +84,20 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
     # capacity moved from the VAE to the prior (the only part that models context), ~equal parameters
     "ditheavy": ({"model.vae.encoder.n_layers": 1, "model.vae.decoder.n_layers": 1}, {"model.dit.net.n_layers": 5}),
 }
+
+
+# AR rows besides ar_baseline (configs/ar_tiny.yaml): name -> overrides, trained for --steps2 steps like it
+AR_VARIANTS: dict[str, dict] = {
+    "ar_equal_params": {"model.ar.net.dim": 176},  # 3.20M parameters: cola_tiny's 3.26M since 2026-11-25
+}
+
+
+def is_ar(name: str) -> bool:
+    return name == "ar_baseline" or name in AR_VARIANTS
+
+
+def run_path(runs: Path, name: str) -> Path:
+    return runs / ("ar" if name == "ar_baseline" else name)
 
 
 def resolve(name: str) -> tuple[dict, dict]:
@@ -190,7 +207,7 @@ def temperature_sweep(names: list[str], runs: Path, data: Path, args, ref, tempe
     ignores its prompt writes near-copies, whose pooled entropy is low for that reason alone."""
     out = {}
     for name in names:
-        model, cfg, tok = load_run(runs / ("ar" if name == "ar_baseline" else name))
+        model, cfg, tok = load_run(run_path(runs, name))
         val = load_eval_text(data / "valid", tok, args.max_chars).docs[:32]
         prompts = [d[:args.prompt_tokens] for d in val[:args.num_prompts]]
         out[name] = []
@@ -278,7 +295,8 @@ def reference_lm(enabled: bool):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ablations", default="base", help=f"comma-separated; '+' combines. Known: {', '.join(ABLATIONS)}")
+    p.add_argument("--ablations", default="base", help=f"comma-separated; '+' combines. Known: {', '.join(ABLATIONS)}; "
+                   f"AR rows: {', '.join(AR_VARIANTS)} (ar_baseline: --ar)")
     p.add_argument("--ar", action=argparse.BooleanOptionalAction, default=True, help="add the AR baseline row")
     p.add_argument("--unigram", action=argparse.BooleanOptionalAction, default=True,
                    help="add the unigram row (training-split token frequencies, exact)")
@@ -301,7 +319,7 @@ def main() -> None:
     results = json.loads(out.read_text()) if out.is_file() else {"rows": {}}
     if a.history_gain_only:
         for name, row in results["rows"].items():
-            if name != "ar_baseline" and (runs / name).is_dir():
+            if not is_ar(name) and (runs / name).is_dir():
                 model, cfg, _ = load_run(runs / name)
                 row["history_gain"] = history_gain_pct(model, cfg, data)
                 print(f"{name}: history gain {row['history_gain']:.3f}%")
@@ -325,9 +343,10 @@ def main() -> None:
             results["rows"][name] = unigram_row(data, Tokenizer.load(data / "tokenizer.json"), a.max_chars)
             out.write_text(json.dumps(results, indent=2, default=str) + "\n")
             continue
-        if name == "ar_baseline":
-            run = runs / "ar"
-            train("configs/ar_tiny.yaml", run, {"data.path": data}, a.steps2, runs / "ar.log", a.threads)
+        if is_ar(name):
+            run = run_path(runs, name)
+            train("configs/ar_tiny.yaml", run, {"data.path": data, **AR_VARIANTS.get(name, {})}, a.steps2,
+                  runs / f"{run.name}.log", a.threads)
         else:
             s1, s2 = resolve(name)
             key = hashlib.sha1(json.dumps(s1, sort_keys=True).encode()).hexdigest()[:8]
@@ -338,7 +357,7 @@ def main() -> None:
                   a.steps2, runs / f"{name}.log", a.threads)
         t0 = time.time()
         row = score(run, data, a, ref)
-        row["overrides"] = {} if name == "ar_baseline" else dict(zip(("stage1", "stage2"), resolve(name)))
+        row["overrides"] = AR_VARIANTS.get(name, {}) if is_ar(name) else dict(zip(("stage1", "stage2"), resolve(name)))
         row["eval_seconds"] = round(time.time() - t0)
         if out.is_file():  # another bench process may have added rows (or a sweep) meanwhile
             disk = json.loads(out.read_text())

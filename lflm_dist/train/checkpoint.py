@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lflm_dist.train.dist import barrier
@@ -156,8 +157,8 @@ def save_checkpoint(run_dir, step: int, model, optimizer, trainer_state: dict, r
         elif rank == 0:
             save_file(model_state(model), tmp / "model.safetensors")
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
-        error = e
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as a RuntimeError
+        error = e  # of its zip writer, safetensors as a SafetensorError ("No space left on device")
     _stop_if_failed(error, rank, tmp, root)
     if crash_before_commit:  # fault injection (train.inject_kill_in_checkpoint): die with the write half done
         os.kill(os.getpid(), 9)
