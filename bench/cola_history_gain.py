@@ -60,16 +60,16 @@ def history_gain(model, cfg, tokens: torch.Tensor, ts=(0.95, 0.7, 0.4, 0.1, 0.02
     B, L, _ = z0.shape
     pos = torch.arange(L).repeat(2)
     rows = []
+    mix = model.dit.tokens is not None  # dit.token_mixture: the forward also returns its logits
+    unknown = torch.full_like(tokens, -1)  # the noisy half's tokens (dit.history_tokens)
     for t in ts:
         eps = torch.randn(z0.shape, generator=g)
         zt = (1 - t) * z0 + t * eps
         tt = torch.cat([torch.zeros(B, L // bs), torch.full((B, L // bs), t)], 1)
         row = {"t": t}
-        unknown = torch.full_like(tokens, -1)
         for name, hist, hist_tokens, drop in (("true", z0, tokens, None), ("other", z0.roll(1, 0), tokens.roll(1, 0), None),
                                               ("none", z0, tokens, torch.ones(B, dtype=torch.bool))):
             mask = AttnMask("clean_noisy", L, bs, drop_history=drop)
-            mix = model.dit.tokens is not None
             out = model.dit(torch.cat([hist, zt], 1), tt, pos, mask, keep_from=L, with_logits=mix,
                             tokens=torch.cat([hist_tokens, unknown], 1))
             v, logits = out if mix else (out, None)
