@@ -5,7 +5,7 @@ prior + frozen reference encoder) beside the AR baseline of equal trainable para
 device, through the trainer's own step (lflm_dist.train.trainer.forward_backward) and the
 parallel layer, with and without activation checkpointing and torch.compile.
 
-  --size 2b    configs/cola_2b.yaml (0.6B VAE + 1.8B DiT, vocab 100352, seq 512) on one GPU, bf16.
+  --size 2b    configs/cola_2b.yaml (0.6B VAE + 2.2B DiT, vocab 100352, seq 512) on one GPU, bf16.
                MFU = model FLOP/s / 989 TFLOP/s (H100/H200 bf16 dense; never the sparse figure).
   --size tiny  configs/cola_tiny.yaml and ar_tiny.yaml on CPU (fp32): MFU is the fraction of this machine's
                dense fp32 matmul peak, measured in this run (the best of `--peak-reps` 1024^3

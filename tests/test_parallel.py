@@ -24,7 +24,7 @@ from test_train import ROOT, launch, losses, overrides
 
 # with the decoder run twice per forward (lambda_denoised_ce): a module called twice under each strategy;
 # the DiT's token mixture, whose running token means are summed over micro-batches and DP ranks; and
-# the history's token embedding (replicated under TP)
+# the history's token embedding (vocab-parallel under TP)
 COLA_TERMS = ["model.cola.lambda_denoised_ce=0.5", "model.dit.token_mixture=true", "model.dit.history_tokens=true"]
 STEPS = ["train.max_steps=4", "train.ckpt_every=2", *COLA_TERMS]
 FIRST = ["train.max_steps=2", "train.ckpt_every=2", *COLA_TERMS]
@@ -47,9 +47,10 @@ CASES = {  # name: (overrides, processes, processes for the resumed half); globa
 
 # What one TP rank holds 1/tp of, by parameter name (written out here rather than read from
 # lflm_dist.parallel.tp.tp_plan, so the memory check below is independent of the code it tests):
-# the blocks' linears, embeddings and heads, and the DiT's adaLN projections, timestep MLP and
-# final modulation and token-mixture logits with their biases, except the row-parallel t_embed.mlp.2.bias.
-TP_SHARDED = re.compile(r"\.(wqkv|wo|w12|w3|head|embed)\.weight$"
+# the blocks' linears, embeddings (the DiT's history-token table too) and heads, and the DiT's adaLN
+# projections, timestep MLP and final modulation and token-mixture logits with their biases, except
+# the row-parallel t_embed.mlp.2.bias.
+TP_SHARDED = re.compile(r"\.(wqkv|wo|w12|w3|head|embed|tok_embed)\.weight$"
                         r"|\.(adaln|final_mod|t_embed\.mlp\.0|tokens\.logits)\.(weight|bias)$"
                         r"|\.t_embed\.mlp\.2\.weight$")
 

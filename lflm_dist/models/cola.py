@@ -194,6 +194,10 @@ class ColaDLM(ModelFamily):
         return ([(v.encoder, L, False), (v.decoder, L, False)] + second_decoder
                 + ([(self.cfg.dit.net, 2 * L, True)] if self.dit else []))
 
+    def vocab_logits(self) -> int:
+        """The decoder's, its second pass (lambda_denoised_ce) and the DiT's token mixture."""
+        return 1 + (self.dit is not None and self.cfg.cola.lambda_denoised_ce > 0) + (self.dit is not None and self.cfg.dit.token_mixture)
+
     def export_parts(self) -> dict[str, str]:
         """The VAE and the DiT; the frozen reference encoder is a training aid, not exported."""
         return {"vae": "vae.", **({"dit": "dit."} if self.dit is not None else {})}

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lflm_dist.config import DiTConfig
-from lflm_dist.models.family import COL_GATHER, TPPlan, col, row
+from lflm_dist.models.family import COL_GATHER, EMBED, TPPlan, col, row
 from lflm_dist.models.init import zero_init
 from lflm_dist.models.noise import Noise
 from lflm_dist.models.blocks import AttnMask, LayerCache, TimestepEmbedder, Transformer, modulate
@@ -115,17 +115,19 @@ class BlockCausalDiT(nn.Module):
         self.tokens = TokenMixtureHead(d, latent_dim, vocab_size) if cfg.token_mixture else None
         if cfg.history_tokens and vocab_size <= 0:
             raise ValueError("dit.history_tokens needs the vocabulary size")
-        # the clean history's tokens (dit.history_tokens); replicated under TP, like inp
+        # the clean history's tokens (dit.history_tokens); vocab-parallel under TP
         self.tok_embed = nn.Embedding(vocab_size, d) if cfg.history_tokens else None
 
     def tp_plan(self) -> TPPlan:
         """The blocks' split, Megatron's MLP split for the timestep MLP (one all-reduce), and
         final_mod gathered (its shift / scale multiply the full hidden state). inp / out stay
         replicated: latent_dim wide, ~17·D parameters each (35k at D = 2048); sharding them would
-        add a collective to every forward for nothing measurable. tok_embed (dit.history_tokens)
-        stays replicated too: a lookup, no matmul to split."""
+        add a collective to every forward for nothing measurable. tok_embed (dit.history_tokens) is
+        vocab-parallel like the VAE's table: vocab x D is 0.2B parameters at cola_2b size."""
         plan = self.net.tp_plan()
         plan.layers += [col(self.t_embed.mlp, "0"), row(self.t_embed.mlp, "2"), col(self, "final_mod", COL_GATHER)]
+        if self.tok_embed is not None:
+            plan.layers.append(col(self, "tok_embed", EMBED))
         if self.tokens is not None:  # the mixture's softmax needs every token's logit
             plan.layers.append(col(self.tokens, "logits", COL_GATHER))
         return plan

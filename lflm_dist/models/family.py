@@ -227,6 +227,10 @@ class ModelFamily(nn.Module):
         """(TransformerConfig, sequence length, adaLN) of each transformer stack, for the memory planner."""
         return []
 
+    def vocab_logits(self) -> int:
+        """How many [seq_len, vocab] logits one training forward computes, for the memory planner."""
+        return 1
+
     def export_parts(self) -> dict[str, str]:
         """{file stem: state-dict prefix}; state outside every prefix is not exported (rebuilt on load)."""
         return {"model": ""}

@@ -63,7 +63,7 @@ def param_layout(cfg: Config, tp: int = 1) -> dict:
     block = max((sum(local.get(id(q), (0, q.numel()))[1] for q in b.parameters()) for b in model.shard_units()),
                 default=0)
     return {"total": total, "per_tp_rank": per_rank, "frozen": frozen, "largest_block": block,
-            "shapes": shapes, "stacks": model.activation_stacks()}
+            "shapes": shapes, "stacks": model.activation_stacks(), "vocab_logits": model.vocab_logits()}
 
 
 def _block_acts(net: TransformerConfig, T: int, B: int, e: int, tp: int, adaln: bool) -> float:
@@ -73,18 +73,21 @@ def _block_acts(net: TransformerConfig, T: int, B: int, e: int, tp: int, adaln: 
 
 
 def activation_bytes(cfg: Config, micro_batch: int, tp: int = 1, bf16: bool = True, checkpointing: bool = False,
-                     include_recompute: bool = True, stacks: list[tuple] | None = None) -> float:
+                     include_recompute: bool = True, stacks: list[tuple] | None = None,
+                     vocab_logits: int | None = None) -> float:
     """Activation bytes of one micro-batch. With checkpointing: block inputs kept in forward,
     plus (include_recompute) one block's activations rebuilt during backward. `stacks`: the
     family's transformer stacks (`activation_stacks()`, kept by `param_layout`); built on the
-    meta device when not given."""
-    if stacks is None:
+    meta device when not given, with `vocab_logits` (how many [L, V] logits one forward makes)."""
+    if stacks is None or vocab_logits is None:
         from lflm_dist.models.registry import build_model
-        stacks = build_model(cfg.model, init_pretrained=False, device="meta").activation_stacks()
+        model = build_model(cfg.model, init_pretrained=False, device="meta")
+        stacks, vocab_logits = model.activation_stacks(), model.vocab_logits()
     e = 2 if bf16 else 4
     m, L, B = cfg.model, cfg.model.seq_len, micro_batch
     V = m.vocab_size
-    head = (3 * e * B * L * V + 4 * B * L * V) / tp  # logits, fp32 copy, softmax grad; vocab-parallel under TP
+    # per logits tensor: logits, fp32 copy, softmax grad; vocab-parallel under TP
+    head = vocab_logits * (3 * e * B * L * V + 4 * B * L * V) / tp
     if not checkpointing:
         return sum(_block_acts(n, T, B, e, tp, a) * n.n_layers for n, T, a in stacks) + head
     kept = sum(e * T * B * n.dim * n.n_layers for n, T, _ in stacks)
@@ -109,7 +112,8 @@ def plan(cfg: Config, strategy: str, gpus: int, tp: int = 1, micro_batch: int = 
         params = b * P / (N if stage == 3 else 1)
         grads = b * P / (N if stage >= 2 else 1)
         opt, other = 12 * P / N, (2 * b * lay["largest_block"] if stage == 3 else 0)
-    acts = activation_bytes(cfg, micro_batch, tp, bf16, checkpointing, stacks=lay["stacks"])
+    acts = activation_bytes(cfg, micro_batch, tp, bf16, checkpointing, stacks=lay["stacks"],
+                           vocab_logits=lay["vocab_logits"])
     return {"strategy": strategy, "tp": tp, "dp": N, "params": params, "grads": grads, "optimizer": opt,
             "other": other, "activations": acts, "total": params + grads + opt + other + acts}
 
