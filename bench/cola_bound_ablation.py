@@ -89,6 +89,7 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
 # AR rows besides ar_baseline (configs/ar_tiny.yaml): name -> overrides, trained for --steps2 steps like it
 AR_VARIANTS: dict[str, dict] = {
     "ar_equal_params": {"model.ar.net.dim": 176},  # 3.20M parameters: cola_tiny's 3.26M since 2026-11-25
+    "ar_steps2x": {"train.max_steps": 1600, "train.ckpt_every": 1600},  # beside the steps2x Cola row
 }
 
 
@@ -139,8 +140,7 @@ def active_dims(model, windows: list[torch.Tensor]) -> int | None:
 
 def continuations(model, tok, prompts: list[list[int]], scfg, seeds: list[int]) -> list[list[int]]:
     """Each prompt continued alone with the sampler settings `scfg`, prompt i under seeds[i]."""
-    return [model.sample([p], scfg.max_new_tokens, steps=scfg.steps, guidance=scfg.guidance,
-                         temperature=scfg.temperature, top_k=scfg.top_k, top_p=scfg.top_p, pad_id=tok.eos_id,
+    return [model.sample([p], scfg.max_new_tokens, **scfg.sampler_kwargs(), pad_id=tok.eos_id,
                          generator=torch.Generator().manual_seed(seed))[0] for p, seed in zip(prompts, seeds)]
 
 
@@ -193,7 +193,7 @@ def generation(model, cfg, tok, val: list[list[int]], args, ref) -> dict:
     outs, agree = prompt_agreement(model, tok, prompts, scfg)
     texts_gen = [tok.decode(p + o) for p, o in zip(prompts, outs)]
     g = {"prompt_agreement": agree, "sample_entropy": sample_entropy(outs),
-         "sampler": {k: getattr(scfg, k) for k in ("steps", "guidance", "temperature", "top_k")},
+         "sampler": scfg.sampler_kwargs(),
          "samples": texts_gen[:3]}
     if ref is not None:
         g["gen_ppl"] = generative_perplexity(texts_gen, lm=ref[0], lm_tok=ref[1])["gen_ppl"]

@@ -152,6 +152,7 @@ def generation_main(argv: list[str]) -> int:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--churn", type=float, default=None, help="Cola: fraction of each Euler step's noise re-drawn")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -169,7 +170,7 @@ def generation_main(argv: list[str]) -> int:
         print(f"error: {a.run}: {model.sampling_unavailable()}", file=sys.stderr)
         return 2
     s = dataclasses.replace(cfg.sample, **{k: v for k, v in {
-        "max_new_tokens": a.max_new_tokens, "steps": a.steps, "guidance": a.guidance, "temperature": a.temperature,
+        "max_new_tokens": a.max_new_tokens, "steps": a.steps, "guidance": a.guidance, "churn": a.churn, "temperature": a.temperature,
         "top_k": a.top_k, "top_p": a.top_p}.items() if v is not None})
     if a.pairs:
         res = G.conditional_generation(model, tok, G.read_pairs(a.pairs), s, seed=a.seed)

@@ -34,6 +34,8 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="Euler steps per latent block (Cola)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, 1 = off (Cola)")
+    p.add_argument("--churn", type=float, default=None,
+                   help="fraction of each Euler step's noise re-drawn, 0 = the deterministic ODE (Cola)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -58,7 +60,7 @@ def main() -> int:
         return 2
     s = dataclasses.replace(cfg.sample, **{k: v for k, v in {
         "prompt": a.prompt, "num_samples": a.num_samples, "max_new_tokens": a.max_new_tokens, "steps": a.steps,
-        "guidance": a.guidance, "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p}.items()
+        "guidance": a.guidance, "churn": a.churn, "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p}.items()
         if v is not None})
     for i, text in enumerate(generate_text(model, tok, [s.prompt] * s.num_samples, s, seed=a.seed)):
         print(f"--- sample {i} ---\n{s.prompt}{text}\n")

@@ -273,9 +273,17 @@ class SampleConfig:
     max_new_tokens: int = 32
     steps: int = 8  # Euler steps per latent block
     guidance: float = 1.0  # classifier-free guidance scale; 1.0 = off
+    # Cola: each Euler step re-draws this fraction of its noise estimate (rho in
+    # x_s = (1-s) x0_hat + s (sqrt(1-rho^2) eps_hat + rho xi)); 0 = the deterministic ODE
+    churn: float = 0.0
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+
+    def sampler_kwargs(self) -> dict:
+        """The keyword arguments every family's `sample` takes (each ignores what it has no use for)."""
+        return {"steps": self.steps, "guidance": self.guidance, "churn": self.churn, "temperature": self.temperature,
+                "top_k": self.top_k, "top_p": self.top_p}
 
 
 @dataclass
@@ -293,6 +301,8 @@ class Config:
         _choice("model.attention", self.model.attention, ("auto", "flex", "sdpa", "dense"))
         _choice("parallel.strategy", self.parallel.strategy, ("ddp", "fsdp2", "deepspeed"))
         self._validate_parallel()
+        if not 0.0 <= self.sample.churn <= 1.0:
+            raise ConfigError(f"sample.churn must be in [0, 1] (0 = deterministic sampling), got {self.sample.churn}")
         _choice("data.loader", self.data.loader, ("indexed", "stream"))
         _choice("data.on_corrupt", self.data.on_corrupt, ("error", "skip"))
         for key in ("path", "train_split", "valid_split"):

@@ -61,8 +61,7 @@ def can_sample(model) -> bool:
 
 def generate_text(model, tok: Tokenizer, prompts: list[str], scfg: SampleConfig, seed: int = 0) -> list[str]:
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    ids = model.sample([tok.encode(p) for p in prompts], scfg.max_new_tokens, steps=scfg.steps,
-                       guidance=scfg.guidance, temperature=scfg.temperature, top_k=scfg.top_k, top_p=scfg.top_p,
+    ids = model.sample([tok.encode(p) for p in prompts], scfg.max_new_tokens, **scfg.sampler_kwargs(),
                        pad_id=tok.eos_id, generator=g)
     return [tok.decode(x) for x in ids]
 

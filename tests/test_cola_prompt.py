@@ -48,11 +48,14 @@ def trained(request):
     return m.eval()
 
 
-def test_continuations_follow_their_prompts(trained):
+@pytest.mark.parametrize("churn", [0.0, 0.7])
+def test_continuations_follow_their_prompts(trained, churn):
     """Same seed, four prompts: the continuations differ (positional agreement as low as between
-    unrelated texts, where a prior that ignores its prompt gives ~1) and mostly continue the count."""
+    unrelated texts, where a prior that ignores its prompt gives ~1) and mostly continue the count,
+    with the deterministic sampler and the stochastic one (sample.churn)."""
     prompts = [[(s + i) % V for i in range(8)] for s in (3, 40, 71, 90)]
-    outs = [trained.sample([p], 16, steps=8, generator=torch.Generator().manual_seed(0))[0] for p in prompts]
+    outs = [trained.sample([p], 16, steps=8, churn=churn, generator=torch.Generator().manual_seed(0))[0]
+            for p in prompts]
     agree = [sum(a == b for a, b in zip(outs[i], outs[j])) / 16 for i in range(4) for j in range(i + 1, 4)]
     assert sum(agree) / len(agree) <= 0.15, outs
     right = sum(o[k] == (p[-1] + 1 + k) % V for p, o in zip(prompts, outs) for k in range(16)) / 64

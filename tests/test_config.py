@@ -28,6 +28,7 @@ def test_dotted_overrides_are_typed():
     ("train.global_batch_size=0", "train.global_batch_size"),
     ("model.dit.block_size=6", "model.dit.block_size"),
     ("trainn.seed=1", "trainn"),
+    ("sample.churn=1.5", "sample.churn"),             # outside [0, 1]
 ])
 def test_errors_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:

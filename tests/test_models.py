@@ -148,24 +148,28 @@ def test_denoised_ce_adds_a_token_loss_on_the_dits_clean_estimate():
 
 
 @torch.no_grad()
-def test_token_mixture_velocity_transports_noise_to_its_mixture():
+@pytest.mark.parametrize("churn", [0.0, 0.7])
+def test_token_mixture_velocity_transports_noise_to_its_mixture(churn):
     """dit.TokenMixtureHead's velocity is the exact probability-flow field of
     sum_k w_k N(mu_k, s2 I): integrating it from N(0, I) at t = 1 to t = 0 lands each sample near one
     mean, with the mixture's weights as frequencies and s2 as the spread around the means. (A wrong
-    a_t or a missing (1 - t) factor sends the samples elsewhere or mixes the weights up.)"""
-    from lflm_dist.models.dit import TokenMixtureHead
+    a_t or a missing (1 - t) factor sends the samples elsewhere or mixes the weights up.) The
+    sampler's stochastic step (dit.flow_step with churn) must keep the same marginals: a wrong
+    noise scale would widen or shrink the spread."""
+    from lflm_dist.models.dit import TokenMixtureHead, flow_step
     head = TokenMixtureHead(4, 2, 3)
     head.means.copy_(torch.tensor([[3.0, 0.0], [-3.0, 0.0], [0.0, 4.0]]))
     head.var.fill_(0.05)
     w = torch.tensor([0.6, 0.3, 0.1])
     head.logits.bias.copy_(w.log())  # what a history would say; the weight is zero-initialised
     n, steps = 6000, 400
-    x = torch.randn(1, n, 2, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, n, 2, generator=g)
     h = torch.zeros(1, n, 4)
     for i in range(steps):
         t = 1 - i / steps
         v, _ = head(h, x, torch.full((1, n), t))
-        x = x - v / steps
+        x = flow_step(x, v, t, 1 - (i + 1) / steps, churn, g)
     k = torch.cdist(x[0], head.means).argmin(1)
     freq = torch.bincount(k, minlength=3) / n
     torch.testing.assert_close(freq, w, atol=0.025, rtol=0)
@@ -217,14 +221,15 @@ def test_keyed_noise_makes_loss_independent_of_batch_split():
     assert not torch.allclose(whole["fm"], other["fm"])
 
 
-@pytest.mark.parametrize("family,extra", [("cola", ["model.cola.stage=2"]), ("ar", [])])
-def test_sampling_is_deterministic_under_a_seed(family, extra):
+@pytest.mark.parametrize("family,extra,churn", [("cola", ["model.cola.stage=2"], 0.0),
+                                               ("cola", ["model.cola.stage=2"], 0.7), ("ar", [], 0.0)])
+def test_sampling_is_deterministic_under_a_seed(family, extra, churn):
     torch.manual_seed(0)
     m = build_model(cfg_for(f"model.family={family}", *extra).model)
     prompts = [[1, 2, 3], [5]]
 
     def run(seed):
-        return m.sample(prompts, 20, steps=4, guidance=2.0, top_k=10, top_p=0.9,
+        return m.sample(prompts, 20, steps=4, guidance=2.0, churn=churn, top_k=10, top_p=0.9,
                         generator=torch.Generator().manual_seed(seed))
 
     a, b, c = run(0), run(0), run(1)

@@ -56,8 +56,7 @@ def _sample(model, tok, prompts: list[str], s: SampleConfig, seed: int, batch_si
     out = []
     for i in range(0, len(prompts), batch_size):
         ids = [tok.encode(p) for p in prompts[i:i + batch_size]]
-        out += model.sample(ids, s.max_new_tokens, steps=s.steps, guidance=s.guidance, temperature=s.temperature,
-                            top_k=s.top_k, top_p=s.top_p, pad_id=tok.eos_id, generator=g)
+        out += model.sample(ids, s.max_new_tokens, **s.sampler_kwargs(), pad_id=tok.eos_id, generator=g)
     return out
 
 

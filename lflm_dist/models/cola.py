@@ -211,14 +211,14 @@ class ColaDLM(ModelFamily):
 
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], max_new_tokens: int, *, steps: int = 8, guidance: float = 1.0,
-               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, pad_id: int = 0,
+               churn: float = 0.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, pad_id: int = 0,
                generator: torch.Generator | None = None) -> list[list[int]]:
         """Block-wise generation. The prompts are encoded (shorter ones left-padded with `pad_id`,
         the EOS/document separator, to the longest); their whole DiT blocks go into the DiT's and the
         decoder's KV caches. A prompt ending inside a block continues inside it when the model was
         trained with dit.prompt_in_block_prob (its last r latents are given, the block's rest is
         sampled); otherwise it is left-padded to whole blocks. Then, per block: integrate the prior
-        with `steps` Euler steps (guidance w), decode the block with the decoder's KV cache, sample
+        with `steps` Euler steps (guidance w, churn: `dit.flow_step`), decode the block with the decoder's KV cache, sample
         its tokens, and append its clean latent to the DiT's KV cache."""
         if self.dit is None:
             raise RuntimeError(self.sampling_unavailable())
@@ -244,7 +244,7 @@ class ColaDLM(ModelFamily):
         pos = full
         while len(out[0]) < max_new_tokens:
             zn = self.dit.sample_block(dit_cache, pos, B, steps, guidance, generator, device, prefix=prefix,
-                                       prefix_tokens=prefix_tokens)
+                                       prefix_tokens=prefix_tokens, churn=churn)
             logits = self.vae.decoder(self.vae.denormalize(zn), cache=dec_cache)
             new = sample_token(logits, temperature, top_k, top_p, generator)
             r = 0 if prefix is None else prefix.shape[1]  # the prompt's own tokens are not output

@@ -99,6 +99,22 @@ class TokenMixtureHead(nn.Module):
         return a * x - (1 + (1 - t) * a) * m, logits
 
 
+def flow_step(x: torch.Tensor, v: torch.Tensor, t: float, s: float, churn: float = 0.0,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """One step of the linear path x_t = (1 - t) x0 + t eps from t to s < t with velocity
+    v = eps - x0. churn = 0: Euler, x + (s - t) v (the ODE; = (1-s) x0_hat + s eps_hat with
+    x0_hat = x - t v, eps_hat = x + (1 - t) v). churn = rho > 0: the noise estimate is partly
+    re-drawn, x_s = (1-s) x0_hat + s (sqrt(1 - rho^2) eps_hat + rho xi), xi ~ N(0, I) (DDIM's
+    eta, Song et al. 2021, on this path): the same marginals when x0_hat and eps_hat are
+    right, and a sample that depends less on its starting noise and more on its history, so
+    continuations of different prompts under one seed share fewer tokens."""
+    if churn == 0.0 or s == 0.0:
+        return x + (s - t) * v
+    x0, eps = x - t * v, x + (1 - t) * v
+    xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return (1 - s) * x0 + s * ((1 - churn ** 2) ** 0.5 * eps + churn * xi)
+
+
 class BlockCausalDiT(nn.Module):
     def __init__(self, cfg: DiTConfig, latent_dim: int, vocab_size: int = 0):
         super().__init__()
@@ -254,13 +270,14 @@ class BlockCausalDiT(nn.Module):
     @torch.no_grad()
     def sample_block(self, cache: list[LayerCache] | None, start: int, batch: int, steps: int,
                      guidance: float = 1.0, generator=None, device=None, dtype=torch.float32,
-                     prefix: torch.Tensor | None = None, prefix_tokens: torch.Tensor | None = None) -> torch.Tensor:
+                     prefix: torch.Tensor | None = None, prefix_tokens: torch.Tensor | None = None,
+                     churn: float = 0.0) -> torch.Tensor:
         """Integrate one block of latents from noise (t=1) to data (t=0) given the clean
         history in `cache` (positions < start). Guidance: v = v_u + w (v_c - v_u), where the
         unconditional velocity sees no history (off when there is none). `prefix` [B, r, C]:
         the block's first r latents are given (a prompt ending inside the block; models trained
         with prompt_in_block_prob): they stay clean at t = 0 and the rest is integrated;
-        `prefix_tokens` [B, r] are their tokens (dit.history_tokens)."""
+        `prefix_tokens` [B, r] are their tokens (dit.history_tokens). `churn`: see `flow_step`."""
         bs = self.cfg.block_size
         r = 0 if prefix is None else prefix.shape[1]
         pos = torch.arange(start, start + bs, device=device)
@@ -283,7 +300,9 @@ class BlockCausalDiT(nn.Module):
                 v = v_u + guidance * (v - v_u)
             if r:
                 v[:, :r] = 0
-            x = x + (ts[i + 1] - ts[i]) * v
+            x = flow_step(x, v, float(ts[i]), float(ts[i + 1]), churn, generator)
+            if r and churn:  # the given part stays clean (Euler leaves it: v = 0 there)
+                x[:, :r] = prefix.to(dtype)
         return x
 
     @torch.no_grad()
