@@ -196,7 +196,9 @@ class ColaDLM(ModelFamily):
 
     def vocab_logits(self) -> int:
         """The decoder's, its second pass (lambda_denoised_ce) and the DiT's token mixture."""
-        return 1 + (self.dit is not None and self.cfg.cola.lambda_denoised_ce > 0) + (self.dit is not None and self.cfg.dit.token_mixture)
+        if self.dit is None:
+            return 1
+        return 1 + int(self.cfg.cola.lambda_denoised_ce > 0) + int(self.cfg.dit.token_mixture)
 
     def export_parts(self) -> dict[str, str]:
         """The VAE and the DiT; the frozen reference encoder is a training aid, not exported."""
@@ -218,8 +220,8 @@ class ColaDLM(ModelFamily):
         decoder's KV caches. A prompt ending inside a block continues inside it when the model was
         trained with dit.prompt_in_block_prob (its last r latents are given, the block's rest is
         sampled); otherwise it is left-padded to whole blocks. Then, per block: integrate the prior
-        with `steps` Euler steps (guidance w, churn: `dit.flow_step`), decode the block with the decoder's KV cache, sample
-        its tokens, and append its clean latent to the DiT's KV cache."""
+        with `steps` Euler steps (guidance w; churn: `dit.flow_step`), decode the block with the
+        decoder's KV cache, sample its tokens, and append its clean latent to the DiT's KV cache."""
         if self.dit is None:
             raise RuntimeError(self.sampling_unavailable())
         was_training = self.training

@@ -113,7 +113,7 @@ def plan(cfg: Config, strategy: str, gpus: int, tp: int = 1, micro_batch: int = 
         grads = b * P / (N if stage >= 2 else 1)
         opt, other = 12 * P / N, (2 * b * lay["largest_block"] if stage == 3 else 0)
     acts = activation_bytes(cfg, micro_batch, tp, bf16, checkpointing, stacks=lay["stacks"],
-                           vocab_logits=lay["vocab_logits"])
+                            vocab_logits=lay["vocab_logits"])
     return {"strategy": strategy, "tp": tp, "dp": N, "params": params, "grads": grads, "optimizer": opt,
             "other": other, "activations": acts, "total": params + grads + opt + other + acts}
 
