@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""LFLM tiny, Cola DLM tiny and the AR baseline at about equal parameters (2.7M) and equal
+"""LFLM tiny, Cola DLM tiny and the AR baseline at about equal parameters (2.7M; Cola 3.26M since
+its prior grew a token mixture on 2026-11-25, and `ar_equal` is the AR at that size) and equal
 optimizer steps, by the same training loop on the demo corpus, scored on the same held-out
 text through the family interface only (`nll_bound`, `sample`, `posterior_means`):
 
@@ -34,7 +35,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from cola_bound_ablation import add_scoring_args, reference_lm, score, table, train  # noqa: E402
 
 # one-run rows: name -> (config, overrides); Cola trains in two stages (below)
-ONE_RUN = {"ar": ("configs/ar_tiny.yaml", {}), "lflm": ("configs/lflm_tiny.yaml", {}),
+ONE_RUN = {"ar": ("configs/ar_tiny.yaml", {}), "ar_equal": ("configs/ar_tiny.yaml", {"model.ar.net.dim": 176}),
+           "lflm": ("configs/lflm_tiny.yaml", {}),
            # free bits against posterior collapse: a latent dim's KL below 0.25 nats is not penalised
            "lflm+fb": ("configs/lflm_tiny.yaml", {"model.lflm.free_bits": 0.25})}
 
