@@ -170,8 +170,13 @@ def generation_main(argv: list[str]) -> int:
         print(f"error: {a.run}: {model.sampling_unavailable()}", file=sys.stderr)
         return 2
     s = dataclasses.replace(cfg.sample, **{k: v for k, v in {
-        "max_new_tokens": a.max_new_tokens, "steps": a.steps, "guidance": a.guidance, "churn": a.churn, "temperature": a.temperature,
-        "top_k": a.top_k, "top_p": a.top_p}.items() if v is not None})
+        "max_new_tokens": a.max_new_tokens, "steps": a.steps, "guidance": a.guidance, "churn": a.churn,
+        "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p}.items() if v is not None})
+    try:
+        s.validate()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if a.pairs:
         res = G.conditional_generation(model, tok, G.read_pairs(a.pairs), s, seed=a.seed)
     else:

@@ -62,6 +62,11 @@ def main() -> int:
         "prompt": a.prompt, "num_samples": a.num_samples, "max_new_tokens": a.max_new_tokens, "steps": a.steps,
         "guidance": a.guidance, "churn": a.churn, "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p}.items()
         if v is not None})
+    try:
+        s.validate()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for i, text in enumerate(generate_text(model, tok, [s.prompt] * s.num_samples, s, seed=a.seed)):
         print(f"--- sample {i} ---\n{s.prompt}{text}\n")
     return 0

@@ -280,6 +280,11 @@ class SampleConfig:
     top_k: int = 0
     top_p: float = 1.0
 
+    def validate(self) -> "SampleConfig":
+        if not 0.0 <= self.churn <= 1.0:
+            raise ConfigError(f"sample.churn must be in [0, 1] (0 = deterministic sampling), got {self.churn}")
+        return self
+
     def sampler_kwargs(self) -> dict:
         """The keyword arguments every family's `sample` takes (each ignores what it has no use for)."""
         return {"steps": self.steps, "guidance": self.guidance, "churn": self.churn, "temperature": self.temperature,
@@ -301,8 +306,7 @@ class Config:
         _choice("model.attention", self.model.attention, ("auto", "flex", "sdpa", "dense"))
         _choice("parallel.strategy", self.parallel.strategy, ("ddp", "fsdp2", "deepspeed"))
         self._validate_parallel()
-        if not 0.0 <= self.sample.churn <= 1.0:
-            raise ConfigError(f"sample.churn must be in [0, 1] (0 = deterministic sampling), got {self.sample.churn}")
+        self.sample.validate()
         _choice("data.loader", self.data.loader, ("indexed", "stream"))
         _choice("data.on_corrupt", self.data.on_corrupt, ("error", "skip"))
         for key in ("path", "train_split", "valid_split"):

@@ -239,6 +239,9 @@ def test_run_dir_has_config_metrics_wandb_and_plot(tiny_data, tmp_path):
                         "--num-samples", "1", "--max-new-tokens", "8", "--steps", "2"],
                        capture_output=True, text=True, cwd=ROOT)
     assert g.returncode == 0 and g.stdout.startswith("--- sample 0 ---\nKING"), g.stderr
+    bad = subprocess.run([sys.executable, str(ROOT / "launchers/generate.py"), "--run", str(run), "--churn", "1.5"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "sample.churn must be in [0, 1]" in bad.stderr, bad.stderr
 
 
 def test_a_second_run_on_a_live_run_dir_stops_and_a_dead_ones_lock_does_not_stick(tiny_data, tmp_path):

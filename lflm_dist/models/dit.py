@@ -108,6 +108,8 @@ def flow_step(x: torch.Tensor, v: torch.Tensor, t: float, s: float, churn: float
     eta, Song et al. 2021, on this path): the same marginals when x0_hat and eps_hat are
     right, and a sample that depends less on its starting noise and more on its history, so
     continuations of different prompts under one seed share fewer tokens."""
+    if not 0.0 <= churn <= 1.0:
+        raise ValueError(f"churn must be in [0, 1] (0 = the deterministic ODE), got {churn}")
     if churn == 0.0 or s == 0.0:
         return x + (s - t) * v
     x0, eps = x - t * v, x + (1 - t) * v
