@@ -326,6 +326,26 @@ def test_adaln_per_block_equals_per_position():
     assert per_block.abs().mean() > 1e-3  # the DiT is not the zero field
 
 
+def test_adaln_once_per_distinct_t_equals_per_position():
+    """With t per position (the release's random block sizes and prompts inside blocks), the DiT
+    embeds t and computes each layer's adaLN once per distinct t and looks the rows up: the loss
+    and every parameter's gradient must equal the per-position computation's."""
+    m = _random_dit(build_model(cfg_for("model.cola.stage=2", "model.dit.random_block_size=true",
+                                        "model.dit.prompt_in_block_prob=0.5").model))
+    batch = {"input_ids": torch.randint(0, V - 1, (4, L)), "noise_key": sample_keys(3, 1, 0, 4)}
+    out = {}
+    for dedup in (True, False):
+        m.dit.dedup_t = dedup
+        m.zero_grad()
+        loss = m(batch)["loss"]
+        loss.backward()
+        out[dedup] = (loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)
+    assert out[True][1].keys() == out[False][1].keys()
+    for n, g in out[True][1].items():
+        torch.testing.assert_close(g, out[False][1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_cpu_fast_paths_equal_the_reference_formulas():
     """The hand-written CPU autograd functions and the complex-number RoPE against the plain
     formulas they replace: RMSNorm (forward bit-identical, on a strided QK view too), SwiGLU

@@ -24,8 +24,10 @@ from test_train import ROOT, launch, losses, overrides
 
 # with the decoder run twice per forward (lambda_denoised_ce): a module called twice under each strategy;
 # the DiT's token mixture, whose running token means are summed over micro-batches and DP ranks; and
-# the history's token embedding (vocab-parallel under TP)
-COLA_TERMS = ["model.cola.lambda_denoised_ce=0.5", "model.dit.token_mixture=true", "model.dit.history_tokens=true"]
+# the history's token embedding (vocab-parallel under TP); and the release's random block sizes, with
+# which the DiT computes adaLN once per distinct t (a lookup table, its projection TP-gathered)
+COLA_TERMS = ["model.cola.lambda_denoised_ce=0.5", "model.dit.token_mixture=true", "model.dit.history_tokens=true",
+              "model.dit.random_block_size=true"]
 STEPS = ["train.max_steps=4", "train.ckpt_every=2", *COLA_TERMS]
 FIRST = ["train.max_steps=2", "train.ckpt_every=2", *COLA_TERMS]
 TP = ["parallel.tp=2"]

@@ -366,12 +366,21 @@ def gate(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return (h.view(B, g.shape[1], -1, D) * g[:, :, None]).view(B, T, D)
 
 
+def conditioning(proj: nn.Module, cond: torch.Tensor, cond_index: torch.Tensor | None) -> torch.Tensor:
+    """proj(silu(cond)) per group [B, G, out]; with cond_index [B, G] cond is a table [U, D] of
+    the distinct conditioning vectors, projected once each and then looked up (`BlockCausalDiT`
+    passes one row per distinct t when t varies per position)."""
+    out = proj(F.silu(cond))
+    return out if cond_index is None else out[cond_index]
+
+
 class Block(nn.Module):
     """Pre-norm transformer block; with `adaln`, norms are modulated by a conditioning vector
     and residuals gated (adaLN-Zero, Peebles & Xie 2023). The conditioning `cond` [B, G, D]
     holds one vector per group of T/G consecutive positions: the DiT passes one per block (its
     t is constant over a block), so the 6·D² modulation matmul runs once per block rather than
-    once per position."""
+    once per position; or `cond` is a table [U, D] and `cond_index` [B, G] picks each group's row
+    (`conditioning`): the matmul then runs once per distinct t."""
 
     def __init__(self, cfg: TransformerConfig, adaln: bool = False):
         super().__init__()
@@ -379,15 +388,16 @@ class Block(nn.Module):
         self.attn, self.ffn = Attention(cfg), SwiGLU(cfg)
         self.adaln = zero_init(nn.Linear(cfg.dim, 6 * cfg.dim)) if adaln else None
 
-    def forward(self, x, rope, mask, cond=None, cache=None, commit=True, q_from: int = 0):
+    def forward(self, x, rope, mask, cond=None, cache=None, commit=True, q_from: int = 0, cond_index=None):
         """With q_from, returns positions q_from.. only: their attention (over all positions),
         residual and MLP; `mask` holds those query rows, and q_from is a multiple of T/G."""
         xq = x[:, q_from:] if q_from else x
         if self.adaln is None:
             x = xq + self.attn(self.attn_norm(x), rope, mask, cache, commit, q_from)
             return x + self.ffn(self.ffn_norm(x))
-        s1, c1, g1, s2, c2, g2 = self.adaln(F.silu(cond)).chunk(6, dim=-1)
-        g0 = q_from * cond.shape[1] // x.shape[1]  # conditioning groups before q_from
+        mod = conditioning(self.adaln, cond, cond_index)
+        s1, c1, g1, s2, c2, g2 = mod.chunk(6, dim=-1)
+        g0 = q_from * mod.shape[1] // x.shape[1]  # conditioning groups before q_from
         x = xq + gate(self.attn(modulate(self.attn_norm(x), s1, c1), rope, mask, cache, commit, q_from), g1[:, g0:])
         return x + gate(self.ffn(modulate(self.ffn_norm(x), s2[:, g0:], c2[:, g0:])), g2[:, g0:])
 
@@ -431,11 +441,12 @@ class Transformer(nn.Module):
         return plan
 
     def forward(self, x, positions, mask, cond=None, cache: list[LayerCache] | None = None, commit=True,
-                final_norm: bool = True, keep_from: int = 0):
+                final_norm: bool = True, keep_from: int = 0, cond_index=None):
         """mask: an AttnMask rule, a dense bool tensor, or None (attend to everything).
         keep_from: return positions keep_from.. only. The last block then computes its queries,
         residual and MLP for those rows alone (the others are still its keys and values): the
-        DiT's loss reads only the noisy half of its [clean | noisy] layout."""
+        DiT's loss reads only the noisy half of its [clean | noisy] layout. cond / cond_index:
+        see `Block`."""
         rope = rope_freqs(positions, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta)
         prepared = prepare_mask(mask, self.attention, x.device)
         last = len(self.layers) - 1
@@ -443,9 +454,9 @@ class Transformer(nn.Module):
             layer_cache = None if cache is None else cache[i]
             if keep_from and i == last:
                 rows = prepare_mask(_mask_rows_from(mask, keep_from), self.attention, x.device)
-                x = layer(x, rope, rows, cond, layer_cache, commit, keep_from)
+                x = layer(x, rope, rows, cond, layer_cache, commit, keep_from, cond_index)
             else:
-                x = layer(x, rope, prepared, cond, layer_cache, commit)
+                x = layer(x, rope, prepared, cond, layer_cache, commit, cond_index=cond_index)
         return self.norm(x) if final_norm else x
 
 

@@ -268,7 +268,7 @@ class ColaDLM(ModelFamily):
     def flops_per_token(self) -> float:
         """Training FLOPs per token: VAE encoder + decoder on L tokens, the DiT on the 2L-long
         [clean | noisy] layout (so twice its per-position cost per token; adaLN once per DiT
-        block) less what its last block skips for the clean half (attention of its queries, the
+        block, or once per distinct t when t is per position: the expectation over block sizes) less what its last block skips for the clean half (attention of its queries, the
         output projection and the MLP: only the noisy half's velocity is read), and the frozen
         reference encoder's forward pass (a third of its training cost), and the decoder's second
         pass when lambda_denoised_ce > 0, and the token mixture's head (dit.token_mixture) on the
@@ -280,7 +280,10 @@ class ColaDLM(ModelFamily):
         if self.dit is not None:
             d = self.cfg.dit.net
             per_position_t = self.cfg.dit.random_block_size or self.cfg.dit.prompt_in_block_prob > 0
-            group = 1 if per_position_t else self.cfg.dit.block_size
+            group = self.cfg.dit.block_size
+            if per_position_t:  # adaLN once per distinct t: L / bs noisy blocks per sample, one t = 0 for the clean half
+                sizes = self.dit.block_sizes() if self.cfg.dit.random_block_size else [group]
+                group = 2 / (sum(1 / b for b in sizes) / len(sizes))
             total += 2 * transformer_flops(d, L / 2, adaln_group=group).train
             total -= 6.0 * (d.dim * d.dim + 3 * d.dim * ffn_hidden(d)) + 6.0 * 2 * d.dim * L / 2
         if self.ref_encoder is not None:
