@@ -95,6 +95,8 @@ def run_one(args) -> dict:
     g = torch.Generator().manual_seed(0)
     sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
     times = []
+    if args.profile:
+        return profile_steps(engine, cfg, d.device, B, L, args)
     for step in range(args.warmup + args.steps):
         batch = {"input_ids": torch.randint(0, cfg.model.vocab_size, (B, L), generator=g).to(d.device),
                  "noise_key": sample_keys(0, step, 0, B).to(d.device)}
@@ -120,6 +122,51 @@ def run_one(args) -> dict:
             "peak_mem_gib": measured_mb / 1024, "planned_mem_gib": predicted["total"] / 2 ** 30,
             "build_s": build_s, "first_step_s": first_step_s, "final_loss": loss, "steps_timed": len(times),
             "attention": cfg.model.attention, "dtype": "bf16" if bf16 else "fp32"}
+
+
+def profile_steps(engine, cfg, device, B: int, L: int, args) -> dict:
+    """`--profile N`: after the warm-up steps, N steps under torch.profiler; prints the kernels
+    (or CPU ops) that take most of the device's time and writes the table to --out (.txt).
+    Returns the device-busy fraction of the profiled wall time (the rest is launch/host gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lflm_dist.models.noise import sample_keys
+    from lflm_dist.train.trainer import forward_backward
+    cuda = device.type == "cuda"
+    g = torch.Generator().manual_seed(0)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def step(i):
+        batch = {"input_ids": torch.randint(0, cfg.model.vocab_size, (B, L), generator=g).to(device),
+                 "noise_key": sample_keys(0, i, 0, B).to(device)}
+        forward_backward(engine, [batch], cfg, device)
+        engine.clip_grad_norm(cfg.train.grad_clip)
+        engine.step()
+
+    for i in range(args.warmup):
+        step(i)
+    sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for i in range(args.profile):
+            step(args.warmup + i)
+        sync()
+    wall = (time.perf_counter() - t) / args.profile
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = prof.key_averages()
+    # kernels only (an op's self device time is its kernels' again); "Command Buffer Full" is the
+    # host waiting for room in the launch queue, not work
+    from torch.autograd import DeviceType
+    kernels = [e for e in events if (e.device_type == DeviceType.CUDA) == cuda and "Command Buffer" not in e.key]
+    busy = sum(getattr(e, key) for e in kernels) / 1e6 / args.profile  # seconds per step
+    table = events.table(sort_by=key, row_limit=40, max_name_column_width=70)
+    head = (f"{args.model} {args.variant}: {wall * 1e3:.1f} ms/step wall, {busy * 1e3:.1f} ms/step "
+            f"{'kernel' if cuda else 'CPU op'} time ({100 * busy / wall:.0f}%), {args.profile} steps profiled")
+    print(head + "\n" + table, file=sys.stderr, flush=True)
+    if args.out:
+        Path(args.out).write_text(head + "\n" + table)
+    return {"model": args.model, "variant": args.variant, "profile_wall_s": wall, "profile_busy_s": busy}
 
 
 def run_variant(a, model: str, v: str, peak: float, rep: int) -> dict:
@@ -175,9 +222,12 @@ def main() -> None:
                    "(the best counts; contention only lowers it, so more reps approach the real peak)")
     p.add_argument("--peak-flops", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("override", nargs="*", help="dotted config overrides for both models")
-    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--model", default="cola", help=argparse.SUPPRESS)
-    p.add_argument("--variant", default="base", help=argparse.SUPPRESS)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="with --one: profile N steps after the warm-up and print the top ops by device time "
+                   "(the table also goes to --out); e.g. --one --model ar --variant base --profile 2")
+    p.add_argument("--one", action="store_true", help="run one model/variant in this process (--model, --variant)")
+    p.add_argument("--model", default="cola", help="with --one: cola or ar")
+    p.add_argument("--variant", default="base", help="with --one: base, ac, compile or ac+compile")
     a = p.parse_args()
     a.micro_batch = a.micro_batch or (8 if a.size == "2b" else 32)
     if a.one:

@@ -369,9 +369,13 @@ def gate(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def conditioning(proj: nn.Module, cond: torch.Tensor, cond_index: torch.Tensor | None) -> torch.Tensor:
     """proj(silu(cond)) per group [B, G, out]; with cond_index [B, G] cond is a table [U, D] of
     the distinct conditioning vectors, projected once each and then looked up (`BlockCausalDiT`
-    passes one row per distinct t when t varies per position)."""
+    passes one row per distinct t when t varies per position). The lookup is an embedding, not
+    `out[cond_index]`: each row is read by hundreds of positions, and advanced indexing's backward
+    (a sorted, serial accumulate per row on CUDA) took ~100 ms of cola_2b's 513 ms step on an H200
+    (bench/results/profile_cola_2b_h200.txt); the embedding's backward reduces segments in parallel
+    and in fp32."""
     out = proj(F.silu(cond))
-    return out if cond_index is None else out[cond_index]
+    return out if cond_index is None else F.embedding(cond_index, out)
 
 
 class Block(nn.Module):

@@ -165,6 +165,11 @@ class BlockCausalDiT(nn.Module):
             # their t, so the embedding and each layer's 6·D² adaLN run once per distinct t (~1/5 of
             # the positions at the release's block sizes) and are looked up per position
             t, idx = torch.unique(t, return_inverse=True)
+            # padded to a power of two (rows never looked up): the table's size would otherwise
+            # change every step, and under torch.compile a dynamic size made Inductor (torch 2.11,
+            # CUDA) generate a wrong reduction (bench/results/train_mfu_2b_h200.json); with few
+            # sizes each compiles statically (lflm_dist.parallel.fsdp.apply_compile)
+            t = torch.cat([t, t[-1:].expand((1 << (t.numel() - 1).bit_length()) - t.numel())])
         c = self.t_embed(t)
         h = self.inp(x)
         if self.tok_embed is not None and tokens is not None:

@@ -32,8 +32,17 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def apply_compile(model: nn.Module) -> None:
+    """torch.compile each shard unit in place (names unchanged), with static shapes: the shapes
+    that vary (the DiT's distinct-t table, padded to powers of two; evaluation's batch) take a
+    few distinct values, each compiled once, and a dynamic size made Inductor (torch 2.11, CUDA)
+    generate a wrong reduction for Cola's DiT. Units of one class share one code object, hence
+    one recompile budget: raised from 8 so that training and evaluation shapes of the VAE, the
+    DiT and the reference encoder all stay compiled."""
+    import torch._dynamo.config as dynamo_config
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
     for b in units(model):
-        b.compile()  # nn.Module.compile: in place, names unchanged
+        b.compile(dynamic=False)
 
 
 def mixed_precision(device: torch.device, precision: str):
