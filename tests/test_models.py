@@ -177,6 +177,27 @@ def test_token_mixture_velocity_transports_noise_to_its_mixture(churn):
     assert abs(spread.item() - 0.05) < 0.01, spread
 
 
+def test_token_mixture_analytic_term_stays_fp32_under_bf16_autocast():
+    """The mixture's log N(z_t; (1 - t) mu_k, var_t) term is ~w (z_t . mu_k) with w ~ 1 / s2: hundreds
+    of nats near t = 0, where tokens are told apart by differences of a few. Under bf16 autocast
+    (CUDA training) a bf16 matmul would round it by ~1 nat; it must match fp32 to rel 1e-5 (the
+    network's own logits, a bf16 Linear like any LM head, are zero here)."""
+    from lflm_dist.models.dit import TokenMixtureHead
+    g = torch.Generator().manual_seed(0)
+    head = TokenMixtureHead(8, 16, 50)
+    head.means.copy_(torch.randn(50, 16, generator=g))
+    head.var.fill_(0.02)
+    x, h = torch.randn(2, 6, 16, generator=g), torch.randn(2, 6, 8, generator=g)
+    t = torch.tensor([0.0, 0.01, 0.1, 0.5, 0.9, 1.0]).expand(2, 6)
+    v32, logits32 = head(h, x, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v16, logits16 = head(h, x, t)
+    assert logits32.abs().max() > 300  # the regime where rounding matters
+    assert logits16.dtype == v16.dtype == torch.float32
+    torch.testing.assert_close(logits16, logits32, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(v16, v32, rtol=1e-5, atol=1e-5)
+
+
 def test_token_mixture_adds_a_token_ce_on_the_prior():
     """dit.token_mixture: the DiT's velocity comes with logits of p(token | z_t, history); the loss adds
     lambda_token_ce x their CE (a per-sample mean: equal however a batch is split), the CE's

@@ -90,13 +90,21 @@ class TokenMixtureHead(nn.Module):
     def forward(self, h: torch.Tensor, x: torch.Tensor, t: torch.Tensor):
         """h [B, T, D] modulated hidden state, x = z_t [B, T, C], t per position [B, T] ->
         (velocity [B, T, C], logits of p(k | z_t, h) [B, T, V], fp32)."""
-        x, t, mu, s2 = x.float(), t.float()[..., None], self.means.float(), self.var.float()
-        var_t = (1 - t) ** 2 * s2 + t ** 2
-        w = (1 - t) / var_t  # log N(z_t; (1 - t) mu_k, var_t) = w.(z_t mu_k - (1 - t) mu_k^2 / 2) + const(k)
-        logits = self.logits(h).float() + (x * w) @ mu.T - 0.5 * ((1 - t) * w) @ (mu * mu).T
-        m = logits.softmax(-1) @ mu
-        a = (t - (1 - t) * s2) / var_t
-        return a * x - (1 + (1 - t) * a) * m, logits
+        net = self.logits(h).float()  # a bf16 Linear under autocast, like any LM head
+        # The analytic term is ~w (z_t . mu_k), w ~ 1 / s2: hundreds of nats near t = 0, told apart
+        # by differences of a few, so it and the mean m run in fp32 whatever autocast says (a bf16
+        # matmul rounded it by up to ~3 nats). Both of its products are one addmm into the logits
+        # (one vocabulary-wide pass instead of three).
+        with torch.autocast(x.device.type, enabled=False):
+            x, t, mu, s2 = x.float(), t.float()[..., None], self.means.float(), self.var.float()
+            var_t = (1 - t) ** 2 * s2 + t ** 2
+            w = (1 - t) / var_t  # log N(z_t; (1 - t) mu_k, var_t) = w.(z_t mu_k - (1 - t) mu_k^2 / 2) + const(k)
+            feats = torch.cat([x * w, -0.5 * (1 - t) * w], -1)
+            logits = torch.addmm(net.flatten(0, -2), feats.flatten(0, -2), torch.cat([mu, mu * mu], 1).T)
+            logits = logits.view(net.shape)
+            m = logits.softmax(-1) @ mu
+            a = (t - (1 - t) * s2) / var_t
+            return a * x - (1 + (1 - t) * a) * m, logits
 
 
 def flow_step(x: torch.Tensor, v: torch.Tensor, t: float, s: float, churn: float = 0.0,
