@@ -52,9 +52,11 @@ SIZES = {  # size: (Cola config, AR baseline config of equal trainable parameter
 AR_EQUAL = {"tiny": ["model.ar.net.dim=176"], "2b": []}
 
 
-def bench_config(size: str, model: str, micro_batch: int, variant: str, strategy: str, extra: list[str]):
+def bench_config(size: str, model: str, micro_batch: int, variant: str, strategy: str, extra: list[str],
+                 grad_accum: int = 1):
     parts = variant.split("+")
-    ov = [f"train.global_batch_size={micro_batch}", "train.grad_accum=1", f"parallel.strategy={strategy}",
+    ov = [f"train.global_batch_size={micro_batch * grad_accum}", f"train.grad_accum={grad_accum}",
+          f"parallel.strategy={strategy}",
           f"parallel.activation_checkpointing={'ac' in parts}", f"parallel.compile={'compile' in parts}",
           "run.wandb_mode=disabled"]
     if model == "cola":  # the reference encoder is a random frozen copy: init_pretrained=False never reads it
@@ -70,7 +72,6 @@ def bench_config(size: str, model: str, micro_batch: int, variant: str, strategy
 
 def run_one(args) -> dict:
     """One variant in this process: build, parallelise, time `steps` optimizer steps."""
-    from lflm_dist.models.noise import sample_keys
     from lflm_dist.models.registry import build_model, count_params, init_model
     from lflm_dist.parallel import build_parallel, needs_process_group
     from lflm_dist.parallel.mfu import device_peak, peak_memory_mb
@@ -78,7 +79,8 @@ def run_one(args) -> dict:
     from lflm_dist.train.dist import init_distributed
     from lflm_dist.train.trainer import forward_backward
 
-    cfg = bench_config(args.size, args.model, args.micro_batch, args.variant, args.strategy, args.override)
+    cfg = bench_config(args.size, args.model, args.micro_batch, args.variant, args.strategy, args.override,
+                       args.grad_accum)
     d = init_distributed(cfg.parallel.backend, force=needs_process_group(cfg.parallel))
     if d.device.type == "cpu":
         from lflm_dist.train.host_memory import retain_freed_memory
@@ -98,11 +100,10 @@ def run_one(args) -> dict:
     if args.profile:
         return profile_steps(engine, cfg, d.device, B, L, args)
     for step in range(args.warmup + args.steps):
-        batch = {"input_ids": torch.randint(0, cfg.model.vocab_size, (B, L), generator=g).to(d.device),
-                 "noise_key": sample_keys(0, step, 0, B).to(d.device)}
+        batches = random_batches(cfg, B, step, args.grad_accum, g, d.device)
         sync()
         t = time.perf_counter()
-        terms = forward_backward(engine, [batch], cfg, d.device)
+        terms = forward_backward(engine, batches, cfg, d.device)
         engine.clip_grad_norm(cfg.train.grad_clip)
         engine.step()
         loss = float(terms["loss"])  # syncs
@@ -112,16 +113,23 @@ def run_one(args) -> dict:
         if step == 0:
             first_step_s = time.perf_counter() - t
     step_s = statistics.median(times)
-    tok_s = B * L / step_s
+    tok_s = B * L * args.grad_accum / step_s
     measured_mb = peak_memory_mb(d.device)
     predicted = plan(cfg, "ddp", 1, 1, B, bf16, cfg.parallel.activation_checkpointing)
     return {"model": args.model, "variant": args.variant, "strategy": args.strategy,
-            "params": n_params, "flops_per_token": fpt, "micro_batch": B, "seq_len": L,
+            "params": n_params, "flops_per_token": fpt, "micro_batch": B, "grad_accum": args.grad_accum, "seq_len": L,
             "step_time_s": step_s, "step_time_min_s": min(times), "tokens_per_s": tok_s,
             "flops_per_s": fpt * tok_s, "mfu": fpt * tok_s / peak if peak else None, "peak_flops": peak,
             "peak_mem_gib": measured_mb / 1024, "planned_mem_gib": predicted["total"] / 2 ** 30,
             "build_s": build_s, "first_step_s": first_step_s, "final_loss": loss, "steps_timed": len(times),
             "attention": cfg.model.attention, "dtype": "bf16" if bf16 else "fp32"}
+
+
+def random_batches(cfg, B: int, step: int, grad_accum: int, g: torch.Generator, device) -> list[dict]:
+    """One optimizer step's micro-batches of random token ids (throughput does not depend on them)."""
+    from lflm_dist.models.noise import sample_keys
+    return [{"input_ids": torch.randint(0, cfg.model.vocab_size, (B, cfg.model.seq_len), generator=g).to(device),
+             "noise_key": sample_keys(0, step, i * B, B).to(device)} for i in range(grad_accum)]
 
 
 def profile_steps(engine, cfg, device, B: int, L: int, args) -> dict:
@@ -130,16 +138,13 @@ def profile_steps(engine, cfg, device, B: int, L: int, args) -> dict:
     Returns the device-busy fraction of the profiled wall time (the rest is launch/host gaps)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from lflm_dist.models.noise import sample_keys
     from lflm_dist.train.trainer import forward_backward
     cuda = device.type == "cuda"
     g = torch.Generator().manual_seed(0)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step(i):
-        batch = {"input_ids": torch.randint(0, cfg.model.vocab_size, (B, L), generator=g).to(device),
-                 "noise_key": sample_keys(0, i, 0, B).to(device)}
-        forward_backward(engine, [batch], cfg, device)
+        forward_backward(engine, random_batches(cfg, B, i, args.grad_accum, g, device), cfg, device)
         engine.clip_grad_norm(cfg.train.grad_clip)
         engine.step()
 
@@ -172,7 +177,8 @@ def profile_steps(engine, cfg, device, B: int, L: int, args) -> dict:
 def run_variant(a, model: str, v: str, peak: float, rep: int) -> dict:
     """One variant in a fresh subprocess (run_one); its result row, or one with an error."""
     cmd = [sys.executable, __file__, "--one", "--size", a.size, "--model", model, "--variant", v,
-           "--strategy", a.strategy, "--micro-batch", str(a.micro_batch), "--steps", str(a.steps),
+           "--strategy", a.strategy, "--micro-batch", str(a.micro_batch), "--grad-accum", str(a.grad_accum),
+           "--steps", str(a.steps),
            "--warmup", str(a.warmup), "--peak-flops", str(peak), *a.override]
     print(f"[train_mfu] {model} {v}" + (f" (run {rep + 1}/{a.repeats})" if a.repeats > 1 else "") + " ...",
           flush=True)
@@ -212,6 +218,8 @@ def main() -> None:
                    "(default: all four on CUDA, base,ac on CPU)")
     p.add_argument("--strategy", default="ddp", help="ddp (one device, plain) | fsdp2 | deepspeed")
     p.add_argument("--micro-batch", type=int, default=0, help="sequences per step (default 8 for 2b, 32 for tiny)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (a run of the "
+                   "config's global batch on few GPUs accumulates; the optimizer's cost is then shared)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation, allocator warm-up)")
     p.add_argument("--out", default="", help="JSON path (default bench/results/train_mfu_<size>_<device>.json)")
@@ -252,7 +260,8 @@ def main() -> None:
     dev = device_name()
     what = "MFU (of 989 TFLOP/s bf16 dense)" if torch.cuda.is_available() else (
         f"of this run's measured fp32 matmul peak ({peak / 1e9:.0f} GFLOP/s)")
-    print(f"\ndevice: {dev}   torch {torch.__version__}   size {a.size}   micro-batch {a.micro_batch}   "
+    print(f"\ndevice: {dev}   torch {torch.__version__}   size {a.size}   micro-batch {a.micro_batch} "
+          f"x {a.grad_accum} accumulated   "
           f"strategy {a.strategy}")
     print(f"{'model':5} {'variant':11} {'params':>8} {'GFLOP/tok':>9} {'step s':>7} {'tokens/s':>9} "
           f"{'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>8} {'plan GiB':>8}")
@@ -277,7 +286,8 @@ def main() -> None:
     out = Path(a.out or ROOT / f"bench/results/train_mfu_{a.size}_{tag}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": dev, "torch": torch.__version__, "size": a.size, "platform": platform.platform(),
-                               "micro_batch": a.micro_batch, "strategy": a.strategy, "steps": a.steps,
+                               "micro_batch": a.micro_batch, "grad_accum": a.grad_accum, "strategy": a.strategy,
+                               "steps": a.steps,
                                "warmup": a.warmup, "repeats": a.repeats, "peak_flops": peak or None,
                                "mfu_denominator": what, "cola_over_ar_tokens_per_s": ratios, "rows": rows},
                               indent=2))
