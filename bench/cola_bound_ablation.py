@@ -90,6 +90,9 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
 AR_VARIANTS: dict[str, dict] = {
     "ar_equal_params": {"model.ar.net.dim": 176},  # 3.20M parameters: cola_tiny's 3.26M since 2026-11-25
     "ar_steps2x": {"train.max_steps": 1600, "train.ckpt_every": 1600},  # beside the steps2x Cola row
+    # cola_tiny's training FLOPs, both stages (400 x 8.06 + 800 x 20.40 MFLOP/token, 32 x 64 tokens a
+    # step) at the AR's 17.37 MFLOP/token (dim 176, cola_tiny's parameters): 1125 steps
+    "ar_equal_flops": {"model.ar.net.dim": 176, "train.max_steps": 1125, "train.ckpt_every": 1125},
 }
 
 
