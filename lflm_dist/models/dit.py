@@ -197,7 +197,7 @@ class BlockCausalDiT(nn.Module):
             return v
         t_pos = t[idx] if idx is not None else t.repeat_interleave(x.shape[1] // t.shape[1], dim=1)[:, keep_from:]
         v_mix, logits = self.tokens(h, x[:, keep_from:], t_pos)
-        v = v + v_mix.to(v.dtype)
+        v = v.float() + v_mix  # fp32, as the mixture computes it (under autocast the head's residual is bf16)
         return (v, logits) if with_logits else v
 
     # ------------------------------------------------------------------ training
