@@ -96,17 +96,25 @@ def run_one(args) -> dict:
     B, L = args.micro_batch, cfg.model.seq_len
     g = torch.Generator().manual_seed(0)
     sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
-    times = []
-    if args.profile:
-        return profile_steps(engine, cfg, d.device, B, L, args)
-    for step in range(args.warmup + args.steps):
-        batches = random_batches(cfg, B, step, args.grad_accum, g, d.device)
-        sync()
-        t = time.perf_counter()
+
+    def train_step(batches: list[dict]) -> float:
+        """One optimizer step as the trainer takes it; returns the loss (a host sync)."""
         terms = forward_backward(engine, batches, cfg, d.device)
         engine.clip_grad_norm(cfg.train.grad_clip)
         engine.step()
-        loss = float(terms["loss"])  # syncs
+        return float(terms["loss"])
+
+    def batches_of(step: int) -> list[dict]:
+        return random_batches(cfg, B, step, args.grad_accum, g, d.device)
+
+    if args.profile:
+        return profile_steps(lambda step: train_step(batches_of(step)), sync, d.device, args)
+    times = []
+    for step in range(args.warmup + args.steps):
+        batches = batches_of(step)
+        sync()
+        t = time.perf_counter()
+        loss = train_step(batches)
         sync()
         if step >= args.warmup:
             times.append(time.perf_counter() - t)
@@ -132,22 +140,14 @@ def random_batches(cfg, B: int, step: int, grad_accum: int, g: torch.Generator, 
              "noise_key": sample_keys(0, step, i * B, B).to(device)} for i in range(grad_accum)]
 
 
-def profile_steps(engine, cfg, device, B: int, L: int, args) -> dict:
-    """`--profile N`: after the warm-up steps, N steps under torch.profiler; prints the kernels
-    (or CPU ops) that take most of the device's time and writes the table to --out (.txt).
-    Returns the device-busy fraction of the profiled wall time (the rest is launch/host gaps)."""
+def profile_steps(step, sync, device, args) -> dict:
+    """`--profile N`: after the warm-up steps, N steps (`step(i)`, run_one's optimizer step) under
+    torch.profiler; prints the kernels (or CPU ops) that take most of the device's time and writes
+    the table to --out (.txt). Returns the profiled wall time and kernel-busy time per step (the
+    rest is launch/host gaps)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-
-    from lflm_dist.train.trainer import forward_backward
     cuda = device.type == "cuda"
-    g = torch.Generator().manual_seed(0)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    def step(i):
-        forward_backward(engine, random_batches(cfg, B, i, args.grad_accum, g, device), cfg, device)
-        engine.clip_grad_norm(cfg.train.grad_clip)
-        engine.step()
-
     for i in range(args.warmup):
         step(i)
     sync()
@@ -162,7 +162,6 @@ def profile_steps(engine, cfg, device, B: int, L: int, args) -> dict:
     events = prof.key_averages()
     # kernels only (an op's self device time is its kernels' again); "Command Buffer Full" is the
     # host waiting for room in the launch queue, not work
-    from torch.autograd import DeviceType
     kernels = [e for e in events if (e.device_type == DeviceType.CUDA) == cuda and "Command Buffer" not in e.key]
     busy = sum(getattr(e, key) for e in kernels) / 1e6 / args.profile  # seconds per step
     table = events.table(sort_by=key, row_limit=40, max_name_column_width=70)
