@@ -67,6 +67,9 @@ def _worker(rank, world, port, out_dir, task, ckpt):
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if rank == 0:
                 torch.save(full, f"{out_dir}/full.pt")
+        # a rank that tears gloo down while its peer is still in (or just past) the last collective
+        # can abort in gloo's transport threads ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -41,6 +41,7 @@ def _worker(rank, port, out):
         model = build_model(load_config(None, CFG).model, seed=1)
         mine = [slice(4 * rank, 4 * rank + 2), slice(4 * rank + 2, 4 * rank + 4)]  # 2 micro-batches per rank
         torch.save(stats_after(model, mine, dist.all_reduce), f"{out}/rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while its peer may still be in the last collective
     finally:
         dist.destroy_process_group()
 
