@@ -62,6 +62,10 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
     "dim4": ({"model.vae.latent_dim": 4}, {"model.vae.latent_dim": 4}),
     "noref": ({}, {"model.cola.lambda_ref": 0.0}),
     "nomask": ({"model.vae.mask_prob": 0.0}, {"model.vae.mask_prob": 0.0}),
+    # stage 2 only: the DiT then trains on latents of the unmasked input, as the bound and the sampler read them
+    # (the default since 2026-12-05); s2mask restores the masked-token loss of the default before
+    "s2nomask": ({}, {"model.vae.mask_prob": 0.0}),
+    "s2mask": ({}, {"model.vae.mask_prob": 0.1, "model.vae.mask_weight": 0.1}),
     "s1beta0.1": ({"model.vae.beta": 0.1}, {}),
     # the Cola release's recipe: block sizes drawn among powers of two, clean prompt parts inside blocks
     "recipe": ({}, {"model.dit.random_block_size": True, "model.dit.prompt_in_block_prob": 0.05}),
