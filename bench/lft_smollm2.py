@@ -10,6 +10,7 @@ characters (held out from the scored windows by position), sharded with the teac
     python bench/lft_smollm2.py                      # everything (CPU: ~1 h)
     python bench/lft_smollm2.py --only skips,recoupling
     python bench/lft_smollm2.py --only fm --fm-steps 2000 --fm-run runs/lft_fm_12_19
+    python bench/lft_smollm2.py --only fw --fw-from-fm 3000 --fw-steps 800 --fw-run runs/lft_fw_12_24_from_fm
 
 Writes bench/results/lft_smollm2.json (+ .png: KL against layers removed) and prints the tables;
 flow-matching / Flow Walking rows are kept per run dir, so runs of different lengths sit side by
@@ -90,6 +91,9 @@ def main() -> int:
     p.add_argument("--fm-run", default="runs/lft_fm_12_19_4k")
     p.add_argument("--fw-steps", type=int, default=300)
     p.add_argument("--fw-run", default="runs/lft_fw_12_24")
+    p.add_argument("--fw-from-fm", type=int, default=0, metavar="STEPS",
+                   help="first train flow matching on the Flow Walking block for STEPS steps (run FW_RUN_fmSTEPS, "
+                        "scored too), and start Flow Walking from its flow layer (model.lft.init_from)")
     p.add_argument("--fresh", action="store_true", help="recompute skip baselines and recoupling kept in runs/")
     a = p.parse_args()
     if not WIKI.is_file():
@@ -129,6 +133,11 @@ def main() -> int:
     if "fw" in parts:
         over = ["model.lft.objective=flow_walking", "model.lft.block_end=24", "model.lft.steps=3",
                 "model.lft.solver=midpoint"]
+        if a.fw_from_fm:
+            fm_run, fm_over = f"{a.fw_run}_fm{a.fw_from_fm}", ["model.lft.block_end=24"]
+            rows = compare(train(fm_run, a.fw_from_fm, fm_over), "1,2,3,5", "1,2,3,12")
+            record(res, "flow_matching", fm_run, a.fw_from_fm, fm_over, rows)
+            over.append(f"model.lft.init_from={fm_run}")
         rows = compare(train(a.fw_run, a.fw_steps, over), "1,2,3,5", "1,2,3,12")
         record(res, "flow_walking", a.fw_run, a.fw_steps, over, rows)
     res["command"] = "python bench/lft_smollm2.py " + " ".join(sys.argv[1:])

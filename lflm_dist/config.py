@@ -195,6 +195,9 @@ class LFTConfig:
     # keep each training sequence's teacher states (x0, x1) in host memory, up to this many GiB per
     # rank, so later epochs skip the teacher (0: recompute every step; exact resume needs 0)
     pair_cache_gb: float = 0.0
+    # a run dir or checkpoint whose flow layer this one starts from instead of teacher layer
+    # init_layer (e.g. Flow Walking from a flow-matching run on the same block)
+    init_from: str = ""
 
 
 @dataclass

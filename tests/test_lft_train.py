@@ -54,6 +54,24 @@ def test_lft_trains_the_flow_layer_only_and_its_loss_falls(reference, teacher):
     assert not torch.equal(ck["flow.field.layer.mlp.down_proj.weight"], src["model.layers.1.mlp.down_proj.weight"])
 
 
+def test_lft_flow_layer_starts_from_init_from(reference, teacher):
+    """model.lft.init_from: the flow layer of another run (Flow Walking from a flow-matching run,
+    here on a longer block), the teacher still from lft.teacher."""
+    from safetensors.torch import load_file
+    from lflm_dist.config import load_config
+    from lflm_dist.models.registry import build_model
+    cfg = load_config(ROOT / CONFIG, [*base(teacher), "model.lft.block_end=5", f"model.lft.init_from={reference}",
+                                      "model.lft.objective=flow_walking"])
+    cfg.model.vocab_size = json.loads((teacher / "config.json").read_text())["vocab_size"]
+    state = build_model(cfg.model).state_dict()
+    ck = load_file(str(reference / "checkpoints" / "step_00000004" / "model.safetensors"))
+    flow = [k for k in state if k.startswith("flow.")]
+    assert flow and all(torch.equal(state[k], ck[k]) for k in flow)
+    src = load_file(str(teacher / "model.safetensors"))
+    assert torch.equal(state["teacher.model.layers.1.mlp.down_proj.weight"], src["model.layers.1.mlp.down_proj.weight"])
+    assert not torch.equal(state["flow.field.layer.mlp.down_proj.weight"], src["model.layers.1.mlp.down_proj.weight"])
+
+
 def test_lft_resume_is_bit_identical(teacher, tiny_data, tmp_path):
     full, cut = cut_and_resume(CONFIG, [*base(teacher), "train.max_steps=5", "train.ckpt_every=2"], tiny_data, tmp_path)
     assert len(losses(full)) == 5 and losses(cut) == losses(full)

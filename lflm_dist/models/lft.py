@@ -122,10 +122,15 @@ class LatentFlowTransformer(ModelFamily):
         if cfg.model.seq_len > max_pos:
             raise ConfigError(f"model.seq_len={cfg.model.seq_len} exceeds the teacher's {max_pos} positions")
 
+    def pretrained_weights(self) -> tuple[str, dict[str, str]] | None:
+        """With `lft.init_from`, the flow layer (velocity field and adaLN) of another LFT run."""
+        return (self.cfg.lft.init_from, {"flow.": "flow."}) if self.cfg.lft.init_from else None
+
     def load_external_weights(self) -> None:
         """The teacher's weights, loaded by transformers from `lft.teacher` (its checkpoint
         conventions and name conversions included), and teacher layer `init_layer` copied into
-        the flow layer; each rank keeps its shard of a sharded parameter."""
+        the flow layer unless it came from `lft.init_from` (loaded before this); each rank keeps
+        its shard of a sharded parameter."""
         from transformers import AutoModelForCausalLM
         from lflm_dist.models.init import _local, local_part
         src = AutoModelForCausalLM.from_pretrained(self.cfg.lft.teacher, local_files_only=True, dtype=torch.float32)
@@ -138,7 +143,7 @@ class LatentFlowTransformer(ModelFamily):
         with torch.no_grad():
             for k, dst in own.items():
                 name = k[len("teacher."):] if k.startswith("teacher.") else k
-                if k.startswith("teacher.") or k.startswith("flow.field.layer."):
+                if k.startswith("teacher.") or (k.startswith("flow.field.layer.") and not self.cfg.lft.init_from):
                     if name not in full:
                         raise RuntimeError(f"{self.cfg.lft.teacher}: the teacher's weights lack {name!r}")
                     _local(dst).copy_(local_part(full[name].to(dst.dtype), dst))
