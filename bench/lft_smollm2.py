@@ -10,7 +10,7 @@ characters (held out from the scored windows by position), sharded with the teac
     python bench/lft_smollm2.py                      # everything (CPU: ~1 h)
     python bench/lft_smollm2.py --only skips,recoupling
     python bench/lft_smollm2.py --only fm --fm-steps 2000 --fm-run runs/lft_fm_12_19
-    python bench/lft_smollm2.py --only fw --fw-from-fm 3000 --fw-steps 800 --fw-run runs/lft_fw_12_24_from_fm
+    python bench/lft_smollm2.py --only fw --fw-from-fm 3000 --fw-steps 600 --fw-run runs/lft_fw_12_24_from_fm
 
 Writes bench/results/lft_smollm2.json (+ .png: KL against layers removed) and prints the tables;
 flow-matching / Flow Walking rows are kept per run dir, so runs of different lengths sit side by
