@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,parallel,eval,sweep]'
 	$(PY) -c "import torch, sys; v = torch.__version__; print('torch', v); sys.exit(0 if v.startswith('2.13.0') else 'torch was replaced: ' + v)"
+	$(PY) -m lflm_dist.models.cpu_kernels  # compile the fused CPU kernels now (~30 s), not in the first run
 	touch $(STAMP)
 
 data: $(DATA)/valid/manifest.json

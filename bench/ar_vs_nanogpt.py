@@ -9,7 +9,8 @@ weight decay 0.1, grad clip 1.0, dropout 0, fp32, no compile.
 Two models of that shape train on the same batches, in one process, interleaved in chunks of
 `--chunk` steps so that machine noise hits both alike:
 
-  ours     lflm_dist.models.ar.ARTransformer (RMSNorm, SwiGLU, RoPE, QK-norm, untied head), built
+  ours     lflm_dist.models.ar.ARTransformer (RMSNorm, SwiGLU, RoPE, QK-norm, untied head; on CPU
+           its norms and QK-norm + RoPE run as fused C++ kernels, lflm_dist/models/cpu_kernels.cpp), built
            by the registry and trained by the trainer's own step: the parallel engine
            (lflm_dist.parallel.build_parallel, with lflm_dist.train.optim's AdamW), the trainer's
            learning-rate schedule, lflm_dist.train.trainer.forward_backward, the engine's grad
@@ -32,7 +33,8 @@ ratio rises with the load.
 
     python bench/ar_vs_nanogpt.py                 # the recipe: 2000 steps each (~4 min on 2 idle cores)
     python bench/ar_vs_nanogpt.py --steps 300     # quicker timing-only check
-    python bench/ar_vs_nanogpt.py --attribution   # + ours without QK-norm, with LayerNorm, without RoPE
+    python bench/ar_vs_nanogpt.py --attribution   # + ours on PyTorch ops (no fused kernels), without QK-norm,
+                                                  #   and (PyTorch ops) with LayerNorm, without RoPE
 
 The text is read from ../shared/data/tinyshakespeare/input.txt relative to the repository root
 (or --data); without it the script exits with a message and status 0.
@@ -171,7 +173,17 @@ def nano_lr(it: int, r=RECIPE, decay_iters: int = RECIPE["max_iters"]) -> float:
 
 
 # ----------------------------------------------------------------------------- the two trainers
-class Ours:
+class PhaseTimes:
+    """Seconds per phase of each step (forward + backward, clipping, optimizer), so the table
+    says where a difference in ms/step comes from."""
+
+    def _phase(self, name: str, t0: float) -> float:
+        t1 = time.perf_counter()
+        self.phases.setdefault(name, []).append(t1 - t0)
+        return t1
+
+
+class Ours(PhaseTimes):
     name = "ours"
 
     def __init__(self, vocab: int, steps: int, attention: str, ffn_mult: float, qk_norm: bool = True):
@@ -192,6 +204,7 @@ class Ours:
         self.device = torch.device("cpu")
         self.engine = build_parallel(model, self.cfg, self.device)
         self.step = 0
+        self.phases: dict[str, list[float]] = {}
 
     def train_step(self, x: torch.Tensor) -> float:
         """Trainer.train_step without the data loader / logging (see lflm_dist.train.trainer)."""
@@ -202,13 +215,17 @@ class Ours:
         t, eng = self.cfg.train, self.engine
         eng.set_lr(lr_at(self.step, t))
         mb = {"input_ids": x, "noise_key": sample_keys(t.seed, self.step, 0, x.shape[0])}
+        tick = time.perf_counter()
         sums = forward_backward(eng, [mb], self.cfg, self.device)
+        tick = self._phase("fwd+bwd", tick)
         eng.clip_grad_norm(t.grad_clip)
         names = sorted(sums)
         out = dict(zip(names, all_reduce_mean(torch.stack([sums[k] for k in names])).tolist()))
         if not math.isfinite(out["loss"]):
             raise FloatingPointError(f"ours: non-finite loss at step {self.step}")
+        tick = self._phase("clip", tick)
         eng.step()
+        self._phase("optimizer", tick)
         self.step += 1
         return out["loss"]
 
@@ -233,9 +250,11 @@ class _LayerNormNoBias(nn.Module):
 
 
 class OursAttribution(Ours):
-    """Where ours' extra time per step goes (--attribution): ours with QK-norm off (a config:
-    model.ar.net.qk_norm=false), and two diagnostic models that are not ours: every RMSNorm
-    replaced by the fused LayerNorm kernel, or RoPE skipped."""
+    """Where ours' time per step goes (--attribution): ours on PyTorch ops instead of the fused
+    CPU kernels (lflm_dist/models/cpu_kernels.cpp; what LFLM_CPU_KERNELS=0 or a machine without a
+    C++ compiler runs), ours with QK-norm off (a config: model.ar.net.qk_norm=false), and two
+    diagnostic models of the PyTorch-ops path that are not ours: every RMSNorm replaced by the
+    fused LayerNorm kernel, or RoPE skipped."""
 
     def __init__(self, variant: str, vocab: int, steps: int, attention: str, ffn_mult: float):
         super().__init__(vocab, steps, attention, ffn_mult, qk_norm=variant != "noqk")
@@ -248,12 +267,15 @@ class OursAttribution(Ours):
                         setattr(mod, child_name, _LayerNormNoBias(child.weight, child.eps))
 
     def _run(self, fn, x: torch.Tensor) -> float:
-        if self.variant != "norope":
+        from lflm_dist.models import blocks, cpu_kernels
+        if self.variant == "noqk":
             return fn(x)
-        from lflm_dist.models import blocks
-        rope, blocks.apply_rope = blocks.apply_rope, lambda t, freqs: t.float()
+        rope = blocks.apply_rope
+        if self.variant == "norope":
+            blocks.apply_rope = lambda t, freqs: t.float()
         try:
-            return fn(x)
+            with cpu_kernels.disabled():
+                return fn(x)
         finally:
             blocks.apply_rope = rope
 
@@ -264,10 +286,10 @@ class OursAttribution(Ours):
         return self._run(super().eval_loss, x)
 
 
-ATTRIBUTION = ("noqk", "layernorm", "norope")
+ATTRIBUTION = ("nokernels", "noqk", "layernorm", "norope")
 
 
-class Nano:
+class Nano(PhaseTimes):
     name = "nanogpt"
 
     def __init__(self, vocab: int, steps: int):
@@ -277,19 +299,25 @@ class Nano:
         self.opt = self.model.configure_optimizers(r["weight_decay"], r["lr"], (r["beta1"], r["beta2"]), "cpu")
         self.decay_iters = max(steps, r["warmup_iters"] + 1)
         self.step = 0
+        self.phases: dict[str, list[float]] = {}
 
     def train_step(self, x: torch.Tensor) -> float:
         """nanoGPT train.py's loop body (grad accumulation 1; its GradScaler is disabled in fp32)."""
         lr = nano_lr(self.step, decay_iters=self.decay_iters)
         for g in self.opt.param_groups:
             g["lr"] = lr
+        tick = time.perf_counter()
         loss = self.model(x[:, :-1], x[:, 1:])
         loss.backward()
+        tick = self._phase("fwd+bwd", tick)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), RECIPE["grad_clip"])
+        value = loss.item()
+        tick = self._phase("clip", tick)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        self._phase("optimizer", tick)
         self.step += 1
-        return loss.item()
+        return value
 
     @torch.no_grad()
     def eval_loss(self, x: torch.Tensor) -> float:
@@ -323,6 +351,9 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     from lflm_dist.train.host_memory import retain_freed_memory
     kept = retain_freed_memory()  # as our trainer does on CPU; process-wide, so nanoGPT's steps get it too
+    from lflm_dist.models import cpu_kernels
+    from lflm_dist.parallel.mfu import _cpu_name as cpu_name
+    kernels = cpu_kernels.get() is not None  # built before timing (a first build takes ~30 s)
     r = RECIPE
     train, val, vocab = load_chars(path)
     torch.manual_seed(a.seed)
@@ -362,20 +393,26 @@ def main() -> None:
         rows[m.name] = {"params": m.params, "ms_per_step_median": 1e3 * statistics.median(ts),
                         "ms_per_step_mean": 1e3 * statistics.fmean(ts), "ms_per_step_min": 1e3 * min(ts),
                         "steps_timed": len(ts), "final_train_loss": last[m.name],
-                        "val_loss": statistics.fmean(m.eval_loss(x) for x in val_batches)}
+                        "val_loss": statistics.fmean(m.eval_loss(x) for x in val_batches),
+                        "phase_ms_median": {k: 1e3 * statistics.median(v[a.warmup:]) for k, v in m.phases.items()}}
     for v in rows.values():
         v["ratio_over_nanogpt"] = v["ms_per_step_median"] / rows["nanogpt"]["ms_per_step_median"]
     ratio = rows["ours"]["ratio_over_nanogpt"]
     desc = (f"{a.steps} steps each (interleaved in chunks of {a.chunk}, first {a.warmup} untimed), batch "
             f"{r['batch_size']} x context {r['block_size']}, {r['n_layer']}L/{r['n_head']}H/{r['n_embd']}d, "
             f"vocab {vocab}, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}"
-            + (", glibc malloc keeps freed memory (both)" if kept else ""))
+            + (", glibc malloc keeps freed memory (both)" if kept else "")
+            + f", ours with fused CPU kernels: {'yes' if kernels else 'no (PyTorch ops)'}")
     print(f"\n{desc}")
     print(f"{'model':14} {'params':>8} {'ms/step':>8} {'(mean)':>7} {'(min)':>7} {'/ nanogpt':>9} {'train loss':>10} "
           f"{'val loss':>9}")
     for k, v in rows.items():
         print(f"{k:14} {v['params'] / 1e6:7.3f}M {v['ms_per_step_median']:8.1f} {v['ms_per_step_mean']:7.1f} "
               f"{v['ms_per_step_min']:7.1f} {v['ratio_over_nanogpt']:9.3f} {v['final_train_loss']:10.3f} {v['val_loss']:9.3f}")
+    phases = list(rows["nanogpt"]["phase_ms_median"])
+    print("median ms per phase: " + "   ".join(
+        f"{k} " + " / ".join(f"{v['phase_ms_median'][p]:.1f}" for p in phases) for k, v in rows.items())
+        + f"   ({' / '.join(phases)})")
     print(f"ours / nanogpt ms/step (median): {ratio:.3f}   (val loss: nats/char on {a.eval_batches} batches of "
           f"{r['batch_size']}x{r['block_size']}; wall {wall:.0f}s)")
     out = Path(a.out)
@@ -383,7 +420,7 @@ def main() -> None:
     out.write_text(json.dumps({"what": desc, "steps": a.steps, "chunk": a.chunk, "warmup": a.warmup,
                                "ffn_mult": a.ffn_mult, "attention": a.attention, "recipe": RECIPE,
                                "torch": torch.__version__, "threads": torch.get_num_threads(),
-                               "platform": platform.platform(), "rows": rows, "ratio_ours_over_nanogpt": ratio},
+                               "platform": platform.platform(), "cpu": cpu_name(), "fused_cpu_kernels": kernels, "rows": rows, "ratio_ours_over_nanogpt": ratio},
                               indent=2))
     print(f"wrote {out}")
 

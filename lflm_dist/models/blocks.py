@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lflm_dist.config import TransformerConfig
+from lflm_dist.models import cpu_kernels
 from lflm_dist.models.family import COL, COL_GATHER, ROW, TPPlan, col
 from lflm_dist.models.init import zero_init
 
@@ -220,9 +221,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """rms_norm_reference. fp32 activations and gains take a faster path: F.rms_norm (a fused
-        kernel) on CUDA and under torch.compile, _RMSNormFn's shorter backward on CPU."""
+        kernel) on CUDA and under torch.compile; on CPU the fused C++ kernel (cpu_kernels), or
+        _RMSNormFn's shorter backward where it did not build."""
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             if _eager_cpu(x):
+                if cpu_kernels.applies(x, self.weight):  # one fused pass each way (C++)
+                    return cpu_kernels.get().rms_norm(x.contiguous(), self.weight, self.eps)
                 return _RMSNormFn.apply(x, self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return rms_norm_reference(x, self.weight, self.eps)
@@ -282,21 +286,38 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
         self.dropout = cfg.dropout
 
+    def _qkv(self, x, rope, q_from: int):
+        """Projection, QK-norm and RoPE: q [B, H, T - q_from, hd], k and v [B, H, T, hd]."""
+        B, T, _ = x.shape
+        qkv = self.wqkv(x).view(B, T, 3, self.n_heads, self.head_dim)
+        fused = isinstance(self.q_norm, RMSNorm) and cpu_kernels.applies(qkv, self.q_norm.weight, self.k_norm.weight)
+        if fused and not q_from:
+            # one C++ pass per head row reads q, k, v from the projection, normalises and rotates
+            # q and k, and writes all three [B, H, T, hd] (the attention kernel's layout); its
+            # backward writes the projection's grad directly
+            return cpu_kernels.get().qkv_norm_rope(qkv, self.q_norm.weight, self.k_norm.weight,
+                                                   torch.view_as_real(rope).flatten(1), self.q_norm.eps)
+        q, k, v = qkv.unbind(2)
+        rope_q = rope
+        if q_from:  # (a slice that keeps everything would still cost a zero-filled copy in backward)
+            q, rope_q = q[:, q_from:], rope[q_from:]
+        if fused:  # the same kernels for q (queries from q_from on) and k apart
+            kern = cpu_kernels.get()
+            return (kern.rms_norm_rope(q, self.q_norm.weight, torch.view_as_real(rope_q).flatten(1), self.q_norm.eps),
+                    kern.rms_norm_rope(k, self.k_norm.weight, torch.view_as_real(rope).flatten(1), self.k_norm.eps),
+                    v.transpose(1, 2))
+        # QK-norm and RoPE run in the [B, T, H, hd] layout of the projection, whose rows of
+        # H * hd elements are contiguous (elementwise kernels on the [B, H, T, hd] view walk
+        # hd-long runs, ~3x slower on CPU); attention takes [B, H, T, hd] views, as nanoGPT.
+        q, k = apply_rope(self.q_norm(q), rope_q), apply_rope(self.k_norm(k), rope)
+        # norms/RoPE upcast under autocast; kernels want one dtype
+        return q.to(v.dtype).transpose(1, 2), k.to(v.dtype).transpose(1, 2), v.transpose(1, 2)
+
     def forward(self, x, rope, mask, cache: LayerCache | None = None, commit: bool = True, q_from: int = 0):
         """rope: rope_freqs of the positions of x. With q_from, only positions q_from.. are
         queries (all positions are keys and values; `mask` holds the query rows only)."""
         B, T, D = x.shape
-        # QK-norm and RoPE run in the [B, T, H, hd] layout of the projection, whose rows of
-        # H * hd elements are contiguous (elementwise kernels on the [B, H, T, hd] view walk
-        # hd-long runs, ~3x slower on CPU); attention takes [B, H, T, hd] views, as nanoGPT.
-        q, k, v = self.wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)
-        if q_from:  # (a slice that keeps everything would still cost a zero-filled copy in backward)
-            q, rope_q = q[:, q_from:], rope[q_from:]
-        else:
-            rope_q = rope
-        q, k = apply_rope(self.q_norm(q), rope_q), apply_rope(self.k_norm(k), rope)
-        # norms/RoPE upcast under autocast; kernels want one dtype
-        q, k, v = q.to(v.dtype).transpose(1, 2), k.to(v.dtype).transpose(1, 2), v.transpose(1, 2)
+        q, k, v = self._qkv(x, rope, q_from)
         if cache is not None:
             k, v = cache.extend(k, v, commit)
         p = self.dropout if self.training else 0.0
