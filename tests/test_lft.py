@@ -89,13 +89,22 @@ def test_pair_cache_gives_the_teachers_states(teachers):
     model = lft_model(teachers["llama"], "model.lft.block_start=1", "model.lft.block_end=4", "model.lft.pair_cache_gb=1")
     x = tokens(4)
     ref = model._teacher_capture(x)
+    full = model.flops_per_token()
     model.block_states(x[:2])  # two of the four cached
+    assert model.flops_per_token() == full  # the teacher ran through layers 0..n-1 for each
+    flops = []
     for _ in range(2):  # then some, then all from the cache
         got = model.block_states(x)
+        flops.append(model.flops_per_token())
         torch.testing.assert_close(got.x0, ref.x0, rtol=0, atol=1e-6)
         torch.testing.assert_close(got.x1, ref.x1, rtol=1e-6, atol=1e-5)
         assert got.kwargs["position_embeddings"][0].shape == ref.kwargs["position_embeddings"][0].shape
     assert len(model._pair_cache) == 4
+    # FLOPs count the teacher work done (m = 1, n = 4; the tiny teacher's layers are alike): half new,
+    # layer 0 for every sequence (layer m's arguments) and layers 0..3 again for the new half, 3 layers
+    # a token against 4 uncached; all cached, layer 0 alone (counting all 4 gave MFU > 1)
+    per_layer = (full - flops[1]) / 3
+    assert per_layer > 0 and flops[0] == pytest.approx(full - per_layer)
     small = lft_model(teachers["llama"], "model.lft.block_start=1", "model.lft.block_end=4", "model.lft.pair_cache_gb=1e-5")
     small.block_states(x)
     assert 0 < len(small._pair_cache) < 4  # 10.7 kB: one sequence's pair is 16 kB

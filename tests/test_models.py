@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lflm_dist.config import load_config
 from lflm_dist.models.blocks import block_causal_mask, clean_noisy_mask, sample_token
@@ -196,6 +197,20 @@ def test_token_mixture_analytic_term_stays_fp32_under_bf16_autocast():
     assert logits16.dtype == v16.dtype == torch.float32
     torch.testing.assert_close(logits16, logits32, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(v16, v32, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_mixture_mean_and_ce_matches_softmax_and_cross_entropy():
+    """dit.mixture_mean_and_ce (one softmax, gradient in place) = softmax(l) @ mu and F.cross_entropy:
+    values, and gradients by finite differences in fp64 (a sign or a missing <p, a> term fails)."""
+    from lflm_dist.models.dit import mixture_mean_and_ce
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(2, 5, 11, generator=g, dtype=torch.float64)).requires_grad_()
+    mu = torch.randn(11, 3, generator=g, dtype=torch.float64).requires_grad_()
+    y = torch.randint(0, 11, (2, 5), generator=g)
+    m, ce = mixture_mean_and_ce(logits, mu, y)
+    torch.testing.assert_close(m, logits.softmax(-1) @ mu)
+    torch.testing.assert_close(ce, F.cross_entropy(logits.transpose(1, 2), y, reduction="none"))
+    assert torch.autograd.gradcheck(lambda l, mu: mixture_mean_and_ce(l, mu, y), (logits, mu))
 
 
 def test_token_mixture_adds_a_token_ce_on_the_prior():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lflm_dist.config import DiTConfig
 from lflm_dist.models.family import COL_GATHER, EMBED, TPPlan, col, row
@@ -87,9 +86,11 @@ class TokenMixtureHead(nn.Module):
         self.counts.copy_((self.counts + n_k.to(self.counts.dtype)).clamp_max(self.window))
         self.var.mul_(self.momentum).add_((1 - self.momentum) * (resid / n).clamp_min(1e-4).to(self.var.dtype))
 
-    def forward(self, h: torch.Tensor, x: torch.Tensor, t: torch.Tensor):
+    def forward(self, h: torch.Tensor, x: torch.Tensor, t: torch.Tensor, targets: torch.Tensor | None = None):
         """h [B, T, D] modulated hidden state, x = z_t [B, T, C], t per position [B, T] ->
-        (velocity [B, T, C], logits of p(k | z_t, h) [B, T, V], fp32)."""
+        (velocity [B, T, C], logits of p(k | z_t, h) [B, T, V], fp32). With targets [B, T] (the
+        latents' tokens): (velocity, the cross-entropy of p(k | z_t, h) at the targets [B, T]), the
+        softmax, its mean and the CE fused (mixture_mean_and_ce: one vocabulary-wide pass each way)."""
         net = self.logits(h).float()  # a bf16 Linear under autocast, like any LM head
         # The analytic term is ~w (z_t . mu_k), w ~ 1 / s2: hundreds of nats near t = 0, told apart
         # by differences of a few, so it and the mean m run in fp32 whatever autocast says (a bf16
@@ -102,9 +103,46 @@ class TokenMixtureHead(nn.Module):
             feats = torch.cat([x * w, -0.5 * (1 - t) * w], -1)
             logits = torch.addmm(net.flatten(0, -2), feats.flatten(0, -2), torch.cat([mu, mu * mu], 1).T)
             logits = logits.view(net.shape)
-            m = logits.softmax(-1) @ mu
+            if targets is None:
+                m, out = logits.softmax(-1) @ mu, logits
+            else:
+                m, out = mixture_mean_and_ce(logits, mu, targets)
             a = (t - (1 - t) * s2) / var_t
-            return a * x - (1 + (1 - t) * a) * m, logits
+            return a * x - (1 + (1 - t) * a) * m, out
+
+
+class _MixtureMeanAndCE(torch.autograd.Function):
+    """(m, ce) = (softmax(l) @ mu, -log_softmax(l)[y]) for logits l [N, V], means mu [V, C], targets y [N].
+    Unfused, autograd keeps a softmax and a log-softmax of l and runs a backward for each, plus
+    the CE's zero-filled one-hot gradient and the sum of the two gradients: six vocabulary-wide
+    passes. Here the softmax p is computed once (as exp of the log-softmax the CE reads) and
+    dL/dl = p * (g_m mu^T - <g_m, m> + g_ce) - g_ce e_y  (d(p @ mu)/dl = diag(p) - p p^T, and
+    <p, g_m mu^T> = <g_m, p @ mu> = <g_m, m>): one matmul of width C + 1 writes the bracket, then
+    one in-place product and the one-hot scatter."""
+
+    @staticmethod
+    def forward(ctx, logits, mu, targets):
+        p = torch.log_softmax(logits, -1)
+        ce = -p.gather(-1, targets[:, None]).squeeze(-1)
+        p = p.exp_()
+        m = p @ mu
+        ctx.save_for_backward(p, mu, targets, m)
+        return m, ce
+
+    @staticmethod
+    def backward(ctx, g_m, g_ce):
+        p, mu, targets, m = ctx.saved_tensors
+        shift = g_ce - torch.linalg.vecdot(g_m, m)  # [N]: one dot of width C per row
+        grad = torch.cat([g_m, shift[:, None]], 1) @ torch.cat([mu, torch.ones_like(mu[:, :1])], 1).T
+        grad = grad.mul_(p).scatter_add_(-1, targets[:, None], -g_ce[:, None])
+        return grad, (p.T @ g_m if ctx.needs_input_grad[1] else None), None
+
+
+def mixture_mean_and_ce(logits: torch.Tensor, mu: torch.Tensor, targets: torch.Tensor):
+    """logits [..., V], mu [V, C], targets [...] -> (softmax(logits) @ mu [..., C], the cross-entropy
+    at the targets [...]); fused forward and backward (_MixtureMeanAndCE)."""
+    m, ce = _MixtureMeanAndCE.apply(logits.reshape(-1, logits.shape[-1]), mu, targets.reshape(-1))
+    return m.view(*logits.shape[:-1], mu.shape[1]), ce.view(targets.shape)
 
 
 def flow_step(x: torch.Tensor, v: torch.Tensor, t: float, s: float, churn: float = 0.0,
@@ -160,12 +198,13 @@ class BlockCausalDiT(nn.Module):
         return plan
 
     def forward(self, x, t, positions, mask, cache: list[LayerCache] | None = None, commit: bool = True,
-                keep_from: int = 0, with_logits: bool = False, tokens: torch.Tensor | None = None):
+                keep_from: int = 0, targets: torch.Tensor | None = None, tokens: torch.Tensor | None = None):
         """x [B, T, C] latents -> velocity [B, T, C]. t is the time of each DiT block, [B, T/bs]
         (T a multiple of the block size), or of each position, [B, T]: the conditioning is
         embedded, and the adaLN modulations computed, once per entry of t. With keep_from (a
         multiple of the block size), only the velocity of positions keep_from.. is computed.
-        with_logits: (velocity, the token mixture's logits [B, T - keep_from, V]). tokens [B, T]
+        targets [B, T - keep_from] (dit.token_mixture): (velocity, the token mixture's cross-entropy at
+        these tokens [B, T - keep_from]). tokens [B, T]
         (dit.history_tokens): the token of each clean position, -1 where none is known (noisy)."""
         idx = None
         if self.dedup_t and t.shape[1] == x.shape[1] > 1 and self.cfg.block_size > 1:
@@ -192,13 +231,13 @@ class BlockCausalDiT(nn.Module):
         h = modulate(h, shift, scale)
         v = self.out(h)
         if self.tokens is None:
-            if with_logits:
-                raise ValueError("with_logits needs dit.token_mixture")
+            if targets is not None:
+                raise ValueError("targets (a token cross-entropy) needs dit.token_mixture")
             return v
         t_pos = t[idx] if idx is not None else t.repeat_interleave(x.shape[1] // t.shape[1], dim=1)[:, keep_from:]
-        v_mix, logits = self.tokens(h, x[:, keep_from:], t_pos)
+        v_mix, ce = self.tokens(h, x[:, keep_from:], t_pos, targets)
         v = v.float() + v_mix  # fp32, as the mixture computes it (under autocast the head's residual is bf16)
-        return (v, logits) if with_logits else v
+        return v if targets is None else (v, ce)
 
     # ------------------------------------------------------------------ training
     def _draw_t(self, noise: Noise, shape: tuple) -> torch.Tensor:
@@ -242,19 +281,18 @@ class BlockCausalDiT(nn.Module):
                 raise ValueError("dit.history_tokens: flow_matching_loss needs the latents' tokens")
             unknown = torch.full_like(tokens, -1)  # a given prompt part's tokens are known, the rest not
             tok_in = torch.cat([tokens, unknown if given is None else torch.where(given, tokens, unknown)], 1)
-        out = self(x, tt, pos, mask, keep_from=L, with_logits=self.tokens is not None,
+        if self.tokens is not None and tokens is None:
+            raise ValueError("dit.token_mixture: flow_matching_loss needs the latents' tokens")
+        out = self(x, tt, pos, mask, keep_from=L, targets=tokens if self.tokens is not None else None,
                    tokens=tok_in)  # clean half: never read
-        v, logits = out if self.tokens is not None else (out, None)
+        v, ce = out if self.tokens is not None else (out, None)
         err = (v.float() - (eps - z0).float()).pow(2)
         if given is not None:
             err = err * (~given)[..., None]
         res = {"fm": err.sum() / err.numel()}
-        if logits is not None:
-            if tokens is None:
-                raise ValueError("dit.token_mixture: flow_matching_loss needs the latents' tokens")
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), reduction="none")
+        if ce is not None:
             if given is not None:
-                ce = ce * (~given).reshape(-1)
+                ce = ce * ~given
             res["token_ce"] = ce.sum() / ce.numel()
         if denoised:
             res["z0_hat"] = zt - t[..., None].to(v.dtype) * v

@@ -12,7 +12,8 @@ device and materialised by `lflm_dist.models.init`. What a family must provide:
   eval_layout()               -> EvalLayout: how held-out text is cut into scored windows
   sample(prompts, n, **opts)  -> token lists; `sampling_unavailable()` says why a model cannot
   edit / interpolate / ...    latent tools where a family has them (a clear error otherwise)
-  flops_per_token()           -> training FLOPs per token, frozen passes included
+  flops_per_token()           -> training FLOPs per token, frozen passes included (the trainer asks
+                                 every step: a family whose work changes, LFT's teacher cache, says so)
   shard_units()               -> submodules FSDP2 wraps, activation checkpointing recomputes and
                                  torch.compile compiles (transformer blocks, LSTM layers, ...)
   tp_plan()                   -> TPPlan of the layers megatron-core TP swaps, or None (no TP)

@@ -23,6 +23,7 @@ trainer's pretrained-weights hook; the flow layer starts as a copy of teacher la
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -78,6 +79,10 @@ class LatentFlowTransformer(ModelFamily):
         self._init_layer = init_layer
         self._pair_cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}  # lft.pair_cache_gb
         self._pair_cache_bytes = 0
+        # the last batch's teacher work, as fractions of its sequences: run through layers 0..m-1
+        # only (the arguments of cached pairs), and through 0..n-1 (pairs computed); see flops_per_token
+        self._teacher_passes = (0.0, 1.0)
+        self._layer_flops = self._count_layer_flops()
         for part in (self.teacher, self.flow.field.layer):
             for mod in part.modules():  # values come from the teacher's weights (init.py leaves them at 0)
                 mod.loaded_from_pretrained = True
@@ -156,18 +161,29 @@ class LatentFlowTransformer(ModelFamily):
     def _layer_params(self, layer: nn.Module) -> int:
         return sum(p.numel() for p in layer.parameters() if p.dim() > 1)
 
+    def _count_layer_flops(self) -> tuple[list[float], float]:
+        """(each teacher layer's forward FLOPs per token, the flow layer's forward), counted once,
+        as the model is built: ZeRO-3 later leaves each rank's parameters empty."""
+        D = self.teacher.config.hidden_size
+        attn = 4.0 * (self.cfg.seq_len / 2) * D
+        return ([2.0 * self._layer_params(l) + attn for l in self.teacher_layers[:self.n]],
+                2.0 * self._layer_params(self.flow.field.layer) + attn)
+
     def flops_per_token(self) -> float:
         """Teacher forward through layers 0..n-1 (2 x matmul params + causal attention 4 (T/2) D
         per layer), plus training the flow layer, 3 x its forward per velocity evaluation:
         1 for flow matching, (k x evaluations per step) + 1 (the regulariser) for Flow Walking.
-        The adaLN's t embedding and modulation run once per sequence, not per token: left out."""
-        c, T = self.cfg.lft, self.cfg.seq_len
-        D = self.teacher.config.hidden_size
-        attn = 4.0 * (T / 2) * D
-        teacher = sum(2.0 * self._layer_params(l) + attn for l in self.teacher_layers[:self.n])
+        The adaLN's t embedding and modulation run once per sequence, not per token: left out.
+        With lft.pair_cache_gb the teacher's share is that of the last training batch: a cached
+        pair costs only layers 0..m-1 (its layer-m arguments), so once every sequence is cached
+        the count drops (counting the full teacher then gave an MFU above 100%). Before training,
+        and without the cache, every sequence runs 0..n-1."""
+        c = self.cfg.lft
+        cost, flow = self._layer_flops
+        to_m, to_n = self._teacher_passes
+        teacher = to_m * sum(cost[:self.m]) + to_n * sum(cost)
         evals = 1 if c.objective == "flow_matching" else c.walk_steps * SOLVERS[c.walk_solver] + (c.alpha_fm > 0)
-        flow = 6.0 * self._layer_params(self.flow.field.layer) + 3 * attn
-        return teacher + evals * flow
+        return teacher + evals * 3 * flow
 
     def shard_units(self) -> list[nn.Module]:
         return [self.flow.field]  # called through forward() once per velocity evaluation
@@ -199,10 +215,12 @@ class LatentFlowTransformer(ModelFamily):
         sequences seen before come from host memory (keyed by their tokens) and the teacher runs
         only on the others."""
         if self.cfg.lft.pair_cache_gb <= 0:
+            self._teacher_passes = (0.0, 1.0)
             return self._teacher_capture(tokens)
         cache = self._pair_cache
         keys = [hashlib.blake2b(row.cpu().numpy().tobytes(), digest_size=16).digest() for row in tokens]
         todo = [i for i, k in enumerate(keys) if k not in cache]
+        self._teacher_passes = (0.0, 1.0) if len(todo) == len(tokens) else (1.0, len(todo) / len(tokens))
         if len(todo) == len(tokens):
             cap = self._teacher_capture(tokens)
             fresh = {i: (cap.x0[i], cap.x1[i]) for i in todo}

@@ -11,7 +11,8 @@ Formulas (P = trainable parameters held by one TP rank, N = data-parallel degree
   zero3      params bP/N, grads bP/N, optimizer 12P/N
 Activations per micro-batch: saved tensors of each block, e·T·B·(16·d + 5·f) plus the
 attention probabilities e·B·H·T²·2 (math SDPA; flash attention keeps none), T the block's
-sequence (the DiT sees 2L), and the logits e·B·L·V·3; with activation checkpointing only
+sequence (the DiT sees 2L), and per logits tensor its fp32 log-probabilities 4·B·L·V plus, for
+one at a time, the logits and their gradients (2e + 4)·B·L·V; with activation checkpointing only
 each block's input e·T·B·d is kept plus one block's activations. TP divides the per-block
 activations and the (vocab-parallel) logits by tp (no sequence parallelism). The factor is an estimate: tests check it
 within 2x of the saved-tensor bytes of a tiny model.
@@ -86,8 +87,9 @@ def activation_bytes(cfg: Config, micro_batch: int, tp: int = 1, bf16: bool = Tr
     e = 2 if bf16 else 4
     m, L, B = cfg.model, cfg.model.seq_len, micro_batch
     V = m.vocab_size
-    # per logits tensor: logits, fp32 copy, softmax grad; vocab-parallel under TP
-    head = vocab_logits * (3 * e * B * L * V + 4 * B * L * V) / tp
+    # each logits tensor keeps its fp32 log-probabilities (or softmax) for backward; one at a time
+    # also has its e-byte logits and, in backward, their fp32 and e-byte gradients; vocab-parallel under TP
+    head = (vocab_logits * 4 + 2 * e + 4) * B * L * V / tp
     if not checkpointing:
         return sum(_block_acts(n, T, B, e, tp, a) * n.n_layers for n, T, a in stacks) + head
     kept = sum(e * T * B * n.dim * n.n_layers for n, T, _ in stacks)

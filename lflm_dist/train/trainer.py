@@ -136,7 +136,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         model = build_model(cfg.model, device="meta")  # materialised by the parallel layer, per shard
         self.n_params = count_params(model)
-        self.flops_per_token = model.flops_per_token()
+        self.flops_per_token = model.flops_per_token  # asked every step (family.py: it may change)
         self.model_summary = model.describe()
         # strategy applied from outside the model: DDP | FSDP2 | DeepSpeed ZeRO, optionally megatron TP
         init = functools.partial(init_model, seed=t.seed, pretrained=self.resume_from is None)
@@ -406,7 +406,7 @@ class Trainer:
                 batch = next(it)
                 out = self.train_step(batch)
                 dt = time.perf_counter() - t0
-                flops = self.flops_per_token * tokens_per_step / dt
+                flops = self.flops_per_token() * tokens_per_step / dt
                 out.update(step=self.step, step_time_s=dt, tokens_per_s=tokens_per_step / dt, flops_per_s=flops,
                            mfu=flops / (self.peak_flops * self.d.world_size) if self.peak_flops else 0.0,
                            peak_mem_mb=peak_memory_mb(self.d.device))
