@@ -1,5 +1,6 @@
 """The fused CPU kernels (lflm_dist/models/cpu_kernels.cpp) against the PyTorch formulas they
-replace: RMSNorm, and QK-norm + RoPE read from a fused qkv projection; plus the build's fallback."""
+replace: RMSNorm, adaLN's modulated RMSNorm, and QK-norm + RoPE read from a fused qkv projection;
+plus the build's fallback."""
 from __future__ import annotations
 
 import os
@@ -119,6 +120,58 @@ def test_block_with_kernels_equals_block_without(kern, qk_norm):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@needs_kernels
+@pytest.mark.parametrize("groups", [1, 4, 12])
+def test_rms_norm_modulate_matches_norm_then_modulate(kern, groups):
+    """adaLN's modulated RMSNorm against rms_norm_reference then blocks.modulate, with shift and
+    scale strided views of one [B, G, 6D] projection (as Block makes them), G = 1 (per sequence), per
+    block and per position: outputs and the grads of x, the gain, shift and scale."""
+    B, T, D = 3, 12, 64
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, T, D, generator=g).requires_grad_()
+    w = (1 + 0.1 * torch.randn(D, generator=g)).requires_grad_()
+    mod = torch.randn(B, groups, 6 * D, generator=g).requires_grad_()
+    shift, scale = mod.chunk(6, dim=-1)[:2]
+    gy = torch.randn(B, T, D, generator=g)
+    y = kern.rms_norm_modulate(x, w, shift, scale, 1e-6)
+    ref = blocks.modulate(blocks.rms_norm_reference(x.double(), w.double(), 1e-6), shift.double(), scale.double())
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(_grads(y, (x, w, mod), gy), _grads(ref, (x, w, mod), gy.double())):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernels
+def test_adaln_block_with_kernels_equals_block_without(kern):
+    """A DiT block (adaLN: modulated norms, gates) with conditioning per block, per position
+    through a table (cond_index) and queries from q_from gives the PyTorch path's outputs and
+    parameter and input grads."""
+    torch.manual_seed(0)
+    cfg = TransformerConfig(dim=64, n_layers=1, n_heads=4)
+    block = blocks.Block(cfg, adaln=True)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 16, 64, requires_grad=True)
+    rope = blocks.rope_freqs(torch.arange(16), 16, 10000.0)
+    per_block = torch.randn(2, 4, 64, requires_grad=True)
+    table, index = torch.randn(5, 64, requires_grad=True), torch.randint(0, 5, (2, 16))
+    mask = blocks.block_causal_mask(16, 4)
+    for cond, cond_index, m, q_from in ((per_block, None, mask, 0), (per_block, None, mask[8:], 8),
+                                        (table, index, mask, 0)):
+        outs = []
+        for ctx in (cpu_kernels.disabled, _enabled):
+            block.zero_grad()
+            inputs = [x, cond]
+            with ctx():
+                y = block(x, rope, m, cond=cond, q_from=q_from, cond_index=cond_index)
+                grads = torch.autograd.grad(y.square().sum(), [*block.parameters(), *inputs])
+            outs.append((y.detach(), grads))
+        (y0, g0), (y1, g1) = outs
+        torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+        for a, b in zip(g1, g0):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 class _enabled:
     def __enter__(self):
         assert cpu_kernels.get() is not None
@@ -144,6 +197,15 @@ def test_gain_grads_do_not_depend_on_the_thread_count(kern):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    shift, scale = torch.randn(2, 48, 16, 128, generator=g).unbind(0)
+    mod = []
+    try:
+        for n in (1, 2):  # the modulated norm's gain grads too, over chunks of whole groups
+            torch.set_num_threads(n)
+            mod.append(_grads(kern.rms_norm_modulate(x, w, shift, scale, 1e-6), (x, w), gy))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(mod[0][0], mod[1][0]) and torch.equal(mod[0][1], mod[1][1])
 
 
 def test_a_failed_build_warns_and_falls_back(tmp_path):

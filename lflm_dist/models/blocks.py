@@ -382,6 +382,16 @@ def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return (hg * (1 + scale[:, :, None]) + shift[:, :, None]).view(B, T, D)
 
 
+def norm_modulate(norm: RMSNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """modulate(norm(x), shift, scale): in fp32 on CPU one fused C++ pass each way (cpu_kernels),
+    where the norm, the product and the sum (and their group reductions in backward) were each a
+    pass over the activations."""
+    if _eager_cpu(x) and x.dim() == 3 and shift.stride(-1) == scale.stride(-1) == 1 \
+            and cpu_kernels.applies(x, norm.weight, shift, scale):
+        return cpu_kernels.get().rms_norm_modulate(x.contiguous(), norm.weight, shift, scale, norm.eps)
+    return modulate(norm(x), shift, scale)
+
+
 def gate(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     B, T, D = h.shape
     return (h.view(B, g.shape[1], -1, D) * g[:, :, None]).view(B, T, D)
@@ -423,8 +433,8 @@ class Block(nn.Module):
         mod = conditioning(self.adaln, cond, cond_index)
         s1, c1, g1, s2, c2, g2 = mod.chunk(6, dim=-1)
         g0 = q_from * mod.shape[1] // x.shape[1]  # conditioning groups before q_from
-        x = xq + gate(self.attn(modulate(self.attn_norm(x), s1, c1), rope, mask, cache, commit, q_from), g1[:, g0:])
-        return x + gate(self.ffn(modulate(self.ffn_norm(x), s2[:, g0:], c2[:, g0:])), g2[:, g0:])
+        x = xq + gate(self.attn(norm_modulate(self.attn_norm, x, s1, c1), rope, mask, cache, commit, q_from), g1[:, g0:])
+        return x + gate(self.ffn(norm_modulate(self.ffn_norm, x, s2[:, g0:], c2[:, g0:])), g2[:, g0:])
 
     def tp_plan(self) -> TPPlan:
         """Megatron-LM's split: attention wqkv / SwiGLU w12 column-parallel, wo / w3 row-parallel

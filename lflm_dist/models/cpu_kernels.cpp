@@ -279,6 +279,121 @@ struct QKVNormRope : public torch::autograd::Function<QKVNormRope> {
   }
 };
 
+// adaLN's modulated RMSNorm (DiT, Peebles & Xie 2023): y = n * (1 + scale_g) + shift_g with
+// n = x * rstd * w, for x [B, T, D] and shift / scale [B, G, D] (last dim contiguous), row t of
+// sequence b in group g = t / (T / G). Backward, per row: gshift_g += gy, gscale_g += gy * n,
+// gn = gy * (1 + scale_g), then RMSNorm's gx and gw from gn. One pass each way instead of the
+// norm, a product and a sum forward and, backward, a product and two group reductions more. Work
+// is split by whole groups, so each group's sums are written by one thread, and gw sums fixed
+// chunks of groups in a fixed order (the same bits at any thread count).
+struct ModGeometry {
+  int64_t B, T, G, D, sb, sg;  // shift/scale row (b, g) at b * sb + g * sg
+};
+
+LFLM_CLONES void modulate_forward_groups(const ModGeometry& m, const float* x, const float* w, const float* sh,
+                                         const float* sc, float eps, float* y, float* rstd, int64_t g0, int64_t g1) {
+  const int64_t D = m.D, R = m.T / m.G;
+  for (int64_t grp = g0; grp < g1; ++grp) {
+    const int64_t b = grp / m.G, g = grp % m.G;
+    const float *shr = sh + b * m.sb + g * m.sg, *scr = sc + b * m.sb + g * m.sg;
+    for (int64_t r = grp * R; r < (grp + 1) * R; ++r) {
+      const float* xr = x + r * D;
+      float* yr = y + r * D;
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
+      const float rs = 1.f / std::sqrt(ss / D + eps);
+      rstd[r] = rs;
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * rs * w[i] * (1.f + scr[i]) + shr[i];
+    }
+  }
+}
+
+LFLM_CLONES void modulate_backward_groups(const ModGeometry& m, const float* x, const float* w, const float* sc,
+                                          const float* rstd, const float* gy, float* gx, float* gsh, float* gsc,
+                                          float* gw_part, int64_t g0, int64_t g1) {
+  const int64_t D = m.D, R = m.T / m.G;
+  for (int64_t grp = g0; grp < g1; ++grp) {
+    const int64_t b = grp / m.G, g = grp % m.G;
+    const float* scr = sc + b * m.sb + g * m.sg;
+    float *gshr = gsh + grp * D, *gscr = gsc + grp * D;  // [B, G, D] contiguous
+    std::fill(gshr, gshr + D, 0.f);
+    std::fill(gscr, gscr + D, 0.f);
+    for (int64_t r = grp * R; r < (grp + 1) * R; ++r) {
+      const float *xr = x + r * D, *gr = gy + r * D;
+      const float rs = rstd[r];
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < D; ++i) {
+        const float xh = xr[i] * rs, gn = gr[i] * (1.f + scr[i]);
+        gshr[i] += gr[i];
+        gscr[i] += gr[i] * xh * w[i];
+        dot += gn * w[i] * xh;
+        gw_part[i] += gn * xh;
+      }
+      const float mean = dot / D;
+      float* gxr = gx + r * D;
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) gxr[i] = rs * (gr[i] * (1.f + scr[i]) * w[i] - xr[i] * rs * mean);
+    }
+  }
+}
+
+struct RMSNormModulate : public torch::autograd::Function<RMSNormModulate> {
+  static ModGeometry geometry(const Tensor& x, const Tensor& shift, const Tensor& scale) {
+    TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "lflm cpu kernels: x must be contiguous [B, T, D]");
+    const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
+    TORCH_CHECK(shift.dim() == 3 && shift.sizes() == scale.sizes() && shift.strides() == scale.strides() &&
+                    shift.size(0) == B && shift.size(2) == D && shift.stride(2) == 1 && shift.size(1) > 0 &&
+                    T % shift.size(1) == 0,
+                "lflm cpu kernels: shift and scale must be [B, G, D] alike (last dim contiguous), G dividing T");
+    return ModGeometry{B, T, shift.size(1), D, shift.stride(0), shift.stride(1)};
+  }
+
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const Tensor& shift,
+                        const Tensor& scale, double eps) {
+    for (const Tensor* t : {&x, &w, &shift, &scale}) check_float_cpu(*t, "x, w, shift and scale");
+    const ModGeometry m = geometry(x, shift, scale);
+    TORCH_CHECK(w.is_contiguous() && w.numel() == m.D, "lflm cpu kernels: the weight must be fp32 [", m.D, "]");
+    auto y = torch::empty(x.sizes(), x.options());
+    auto rstd = torch::empty({m.B * m.T}, x.options());
+    const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *shp = shift.data_ptr<float>(),
+                *scp = scale.data_ptr<float>();
+    float *yp = y.data_ptr<float>(), *sp = rstd.data_ptr<float>();
+    const int64_t rows_per_group = m.T / m.G;
+    at::parallel_for(0, m.B * m.G, std::max<int64_t>(1, 8192 / std::max<int64_t>(m.D * rows_per_group, 1)),
+                     [&](int64_t b, int64_t e) { modulate_forward_groups(m, xp, wp, shp, scp, (float)eps, yp, sp, b, e); });
+    ctx->save_for_backward({x, w, shift, scale, rstd});
+    return y;
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w = saved[1], &shift = saved[2], &scale = saved[3], &rstd = saved[4];
+    const ModGeometry m = geometry(x, shift, scale);
+    Tensor gy = grads[0].contiguous();
+    const int64_t groups = m.B * m.G, nc = std::max<int64_t>(1, std::min<int64_t>(16, groups));
+    auto gx = torch::empty(x.sizes(), x.options());
+    auto gsh = torch::empty({m.B, m.G, m.D}, x.options()), gsc = torch::empty({m.B, m.G, m.D}, x.options());
+    auto gw_parts = torch::zeros({nc, m.D}, x.options());
+    const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *scp = scale.data_ptr<float>(),
+                *sp = rstd.data_ptr<float>(), *gp = gy.data_ptr<float>();
+    float *gxp = gx.data_ptr<float>(), *gshp = gsh.data_ptr<float>(), *gscp = gsc.data_ptr<float>(),
+          *pp = gw_parts.data_ptr<float>();
+    at::parallel_for(0, nc, 1, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c)
+        modulate_backward_groups(m, xp, wp, scp, sp, gp, gxp, gshp, gscp, pp + c * m.D, groups * c / nc,
+                                 groups * (c + 1) / nc);
+    });
+    return {gx, gw_parts.sum(0), gsh, gsc, Tensor()};
+  }
+};
+
+Tensor rms_norm_modulate(const Tensor& x, const Tensor& w, const Tensor& shift, const Tensor& scale, double eps) {
+  return RMSNormModulate::apply(x, w, shift, scale, eps);
+}
+
 Tensor rms_norm(const Tensor& x, const Tensor& w, double eps) {
   return RMSNormRope::apply(x, w, at::empty({0}, x.options()), eps);
 }
@@ -296,6 +411,8 @@ Tensor rms_norm_rope(const Tensor& x, const Tensor& w, const Tensor& rope, doubl
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "x * rsqrt(mean(x^2) + eps) * w over the last dimension (fp32, CPU; with backward)");
+  m.def("rms_norm_modulate", &rms_norm_modulate,
+        "rms_norm(x, w) * (1 + scale) + shift for x [B, T, D], shift / scale [B, G, D] per group of T / G rows");
   m.def("qkv_norm_rope", &qkv_norm_rope,
         "qkv [B, T, 3, H, hd] -> (q, k, v) [B, H, T, hd]: q and k RMSNormed (wq, wk) and rotated by rope [T, hd]");
   m.def("rms_norm_rope", &rms_norm_rope,

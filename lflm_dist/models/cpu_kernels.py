@@ -1,5 +1,5 @@
-"""Fused fp32 CPU kernels (cpu_kernels.cpp): RMSNorm, and RMSNorm + RoPE for q/k, each one pass per
-row with a C++ backward. They serve CPU training only (blocks.py uses them for fp32 tensors outside
+"""Fused fp32 CPU kernels (cpu_kernels.cpp): RMSNorm, adaLN's modulated RMSNorm, and RMSNorm + RoPE
+for q/k, each one pass per row with a C++ backward. They serve CPU training only (blocks.py uses them for fp32 tensors outside
 CUDA and torch.compile); the PyTorch formulas in blocks.py stay the reference and the fallback.
 
 The source is compiled on first use with the machine's C++ compiler (~30 s; `make setup` does it
