@@ -386,8 +386,8 @@ def norm_modulate(norm: RMSNorm, x: torch.Tensor, shift: torch.Tensor, scale: to
     """modulate(norm(x), shift, scale): in fp32 on CPU one fused C++ pass each way (cpu_kernels),
     where the norm, the product and the sum (and their group reductions in backward) were each a
     pass over the activations."""
-    if _eager_cpu(x) and x.dim() == 3 and shift.stride(-1) == scale.stride(-1) == 1 \
-            and cpu_kernels.applies(x, norm.weight, shift, scale):
+    if _eager_cpu(x) and x.dim() == 3 and shift.stride() == scale.stride() and shift.stride(-1) == 1 \
+            and cpu_kernels.applies(x, norm.weight, shift, scale):  # the kernel's layout (else the formulas)
         return cpu_kernels.get().rms_norm_modulate(x.contiguous(), norm.weight, shift, scale, norm.eps)
     return modulate(norm(x), shift, scale)
 
