@@ -11,6 +11,9 @@ characters (held out from the scored windows by position), sharded with the teac
     python bench/lft_smollm2.py --only skips,recoupling
     python bench/lft_smollm2.py --only fm --fm-steps 2000 --fm-run runs/lft_fm_12_19
     python bench/lft_smollm2.py --only fw --fw-from-fm 3000 --fw-steps 600 --fw-run runs/lft_fw_12_24_from_fm
+    python bench/lft_smollm2.py --only scan          # every 12-layer block: recoupling, update size, skip KL
+    python bench/lft_smollm2.py --only fw --fw-block 9:21 --fw-from-fm 3000 --fw-steps 600 \\
+        --set model.lft.loss_norm=both --fw-run runs/lft_fw_9_21_both
 
 Writes bench/results/lft_smollm2.json (+ .png: KL against layers removed) and prints the tables;
 flow-matching / Flow Walking rows are kept per run dir, so runs of different lengths sit side by
@@ -86,14 +89,20 @@ def record(res: dict, key: str, run: str, steps: int, over: list[str], rows: lis
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="skips,recoupling,fm,fw", help="parts to (re)run; others kept from the JSON")
+    p.add_argument("--only", default="skips,recoupling,scan,fm,fw", help="parts to (re)run; others kept from the JSON")
     p.add_argument("--fm-steps", type=int, default=4000)
     p.add_argument("--fm-run", default="runs/lft_fm_12_19_4k")
+    p.add_argument("--fm-block", default="12:19", metavar="M:N", help="the flow-matching block (the config's: 12:19)")
     p.add_argument("--fw-steps", type=int, default=300)
     p.add_argument("--fw-run", default="runs/lft_fw_12_24")
+    p.add_argument("--fw-block", default="12:24", metavar="M:N",
+                   help="the Flow Walking block (12 of 30 layers = 40%%; --only scan ranks the 12-layer blocks)")
     p.add_argument("--fw-from-fm", type=int, default=0, metavar="STEPS",
                    help="first train flow matching on the Flow Walking block for STEPS steps (run FW_RUN_fmSTEPS, "
                         "scored too), and start Flow Walking from its flow layer (model.lft.init_from)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for the runs trained (repeatable), "
+                        "e.g. model.lft.loss_norm=token")
     p.add_argument("--fresh", action="store_true", help="recompute skip baselines and recoupling kept in runs/")
     a = p.parse_args()
     if not WIKI.is_file():
@@ -127,18 +136,30 @@ def main() -> int:
             sh("launchers/lft.py", "recoupling", "--teacher", str(TEACHER), "--text", str(WIKI), "--out", str(out),
                "--blocks", "4:11,8:15,12:19,16:23,20:27,12:24,4:16,12:15,12:16")
         res["recoupling"] = json.loads(out.read_text())["rows"]
+    if "scan" in parts:  # every block of 12 layers (40%): the Flow Walking block's candidates
+        out = ROOT / "runs" / "lft_scan_12.json"
+        if not out.is_file() or a.fresh:
+            sh("launchers/lft.py", "recoupling", "--teacher", str(TEACHER), "--text", str(WIKI), "--out", str(out),
+               "--every", "12", "--skip-kl")
+        res["block_scan"] = json.loads(out.read_text())["rows"]
     if "fm" in parts:
-        rows = compare(train(a.fm_run, a.fm_steps, []), "1,2,3,5", "1,2,3,7")
-        record(res, "flow_matching", a.fm_run, a.fm_steps, [], rows)
+        m, n = (int(x) for x in a.fm_block.split(":"))
+        over = ([f"model.lft.block_start={m}", f"model.lft.block_end={n}"] if (m, n) != (12, 19) else []) + a.set
+        rows = compare(train(a.fm_run, a.fm_steps, over), "1,2,3,5", f"1,2,3,{n - m}")
+        record(res, "flow_matching", a.fm_run, a.fm_steps, over, rows)
     if "fw" in parts:
-        over = ["model.lft.objective=flow_walking", "model.lft.block_end=24", "model.lft.steps=3",
-                "model.lft.solver=midpoint"]
+        m, n = (int(x) for x in a.fw_block.split(":"))
+        block = [f"model.lft.block_start={m}", f"model.lft.block_end={n}"] if (m, n) != (12, 24) else \
+            ["model.lft.block_end=24"]  # as the runs recorded before --fw-block
+        block += a.set
+        skips = f"1,2,3,{n - m}"
+        over = ["model.lft.objective=flow_walking", *block, "model.lft.steps=3", "model.lft.solver=midpoint"]
         if a.fw_from_fm:
-            fm_run, fm_over = f"{a.fw_run}_fm{a.fw_from_fm}", ["model.lft.block_end=24"]
-            rows = compare(train(fm_run, a.fw_from_fm, fm_over), "1,2,3,5", "1,2,3,12")
+            fm_run, fm_over = f"{a.fw_run}_fm{a.fw_from_fm}", block
+            rows = compare(train(fm_run, a.fw_from_fm, fm_over), "1,2,3,5", skips)
             record(res, "flow_matching", fm_run, a.fw_from_fm, fm_over, rows)
             over.append(f"model.lft.init_from={fm_run}")
-        rows = compare(train(a.fw_run, a.fw_steps, over), "1,2,3,5", "1,2,3,12")
+        rows = compare(train(a.fw_run, a.fw_steps, over), "1,2,3,5", skips)
         record(res, "flow_walking", a.fw_run, a.fw_steps, over, rows)
     res["command"] = "python bench/lft_smollm2.py " + " ".join(sys.argv[1:])
     res["seconds_this_run"] = round(time.time() - t0)
@@ -146,7 +167,7 @@ def main() -> int:
     OUT.write_text(json.dumps(res, indent=1) + "\n")
     plot(res, OUT.with_suffix(".png"))
     from lflm_dist.eval.lft_metrics import format_table
-    for key in ("skips", "recoupling"):
+    for key in ("skips", "recoupling", "block_scan"):
         if key in res:
             print(f"\n{key}\n" + format_table(res[key], list(res[key][0])))
     for key in ("flow_matching", "flow_walking"):

@@ -3,6 +3,8 @@
 
     # recoupling ratio of candidate blocks (lower: the teacher's pairing is closer to the OT one)
     python launchers/lft.py recoupling --teacher data/smollm2-135m --text FILE --blocks 12:19,12:24,4:11
+    # every block of 12 layers, with the KL of skipping it (what the flow layer must restore)
+    python launchers/lft.py recoupling --teacher data/smollm2-135m --text FILE --every 12 --skip-kl
 
     # skip baselines: KL(teacher || teacher without layers [start, start+s)) for each s
     python launchers/lft.py skips --teacher data/smollm2-135m --text FILE --start 12 --skips 1,2,3,4
@@ -58,8 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             s.add_argument("--teacher", required=True, help="Hugging Face model dir")
         if name == "recoupling":
-            s.add_argument("--blocks", required=True, help="candidate blocks m:n, comma-separated")
+            which = s.add_mutually_exclusive_group(required=True)
+            which.add_argument("--blocks", help="candidate blocks m:n, comma-separated")
+            which.add_argument("--every", type=int, metavar="L", help="every block of L consecutive layers")
             s.add_argument("--states", type=int, default=256, help="token states in the OT matching")
+            s.add_argument("--skip-kl", action="store_true",
+                           help="also KL(teacher || teacher without the block) on the windows (one forward a block)")
         if name == "skips":
             s.add_argument("--start", type=int, required=True)
             s.add_argument("--skips", default="1,2,3,4")
@@ -84,9 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     win = windows_of(tok, a)
     info = {"text": str(a.text), "max_chars": a.max_chars, "windows": len(win), "window": a.window}
     if a.cmd == "recoupling":
-        blocks = [tuple(int(x) for x in b.split(":")) for b in a.blocks.split(",")]
-        rows = M.recoupling_table(lm, win, blocks, a.states)
-        print(M.format_table(rows, ["block", "layers", "recoupling", "update_over_state"]))
+        n_layers = len(M.layer_list(lm))
+        if a.every is not None and not 1 <= a.every <= n_layers:
+            raise SystemExit(f"--every {a.every}: the teacher has {n_layers} layers")
+        blocks = ([(m, m + a.every) for m in range(n_layers - a.every + 1)] if a.every is not None
+                  else [tuple(int(x) for x in b.split(":")) for b in a.blocks.split(",")])
+        rows = M.recoupling_table(lm, win, blocks, a.states, skip_kl=a.skip_kl, batch=a.batch)
+        print(M.format_table(rows, ["block", "layers", "recoupling", "update_over_state"]
+                             + ["skip_kl"] * a.skip_kl))
     else:
         tlp = M._log_probs(lm, win, a.batch)
         teacher = {"model": "teacher", "layers_removed": 0, **M.kl_and_ppl(tlp, tlp, win)}

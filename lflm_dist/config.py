@@ -189,6 +189,10 @@ class LFTConfig:
     walk_steps: int = 3  # Flow Walking: k steps between k-1 random sorted times in (0, 1)
     walk_solver: str = "midpoint"  # euler | midpoint
     alpha_fm: float = 0.001  # Flow Walking: weight of the flow-matching regulariser
+    # the NMSE's denominator: each sequence's update energy |x1 - x0|^2 (sequence), each token's
+    # (token: every position weighs alike, not the first token's massive activation), or the mean
+    # of the two losses (both); see models/lft.py
+    loss_norm: str = "sequence"
     t0_frac: float = 0.0  # share of flow-matching samples at t = 0 (where a 1-step Euler student reads the field)
     steps: int = 1  # solver steps of the student (evaluation, generation)
     solver: str = "euler"  # euler | midpoint

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lflm_dist.config import ConfigError, load_config
-from lflm_dist.eval.lft_metrics import kl_and_ppl, recoupling_ratio, skip_baselines, student_rows
+from lflm_dist.eval.lft_metrics import kl_and_ppl, recoupling_ratio, recoupling_table, skip_baselines, student_rows
 from lflm_dist.models.lft_layers import integrate
 from lflm_dist.models.registry import build_model
 
@@ -100,14 +100,40 @@ def test_pair_cache_gives_the_teachers_states(teachers):
         torch.testing.assert_close(got.x1, ref.x1, rtol=1e-6, atol=1e-5)
         assert got.kwargs["position_embeddings"][0].shape == ref.kwargs["position_embeddings"][0].shape
     assert len(model._pair_cache) == 4
-    # FLOPs count the teacher work done (m = 1, n = 4; the tiny teacher's layers are alike): half new,
-    # layer 0 for every sequence (layer m's arguments) and layers 0..3 again for the new half, 3 layers
-    # a token against 4 uncached; all cached, layer 0 alone (counting all 4 gave MFU > 1)
-    per_layer = (full - flops[1]) / 3
-    assert per_layer > 0 and flops[0] == pytest.approx(full - per_layer)
+    # FLOPs count the teacher work done: half new, layers 0..3 for that half; all cached, no teacher
+    # layer (layer m's arguments stop the forward at its input), the flow layer's 3 x forward alone
+    # (counting the teacher gave an MFU above 1)
+    assert flops[1] == pytest.approx(3 * model._layer_flops[1]) and flops[1] < full
+    assert flops[0] == pytest.approx((full + flops[1]) / 2)
     small = lft_model(teachers["llama"], "model.lft.block_start=1", "model.lft.block_end=4", "model.lft.pair_cache_gb=1e-5")
     small.block_states(x)
     assert 0 < len(small._pair_cache) < 4  # 10.7 kB: one sequence's pair is 16 kB
+
+
+def test_token_loss_norm_weighs_every_position_alike(teachers):
+    """A massive first token (Llama teachers' attention sink) holds nearly all of a sequence's
+    update energy: per sequence, missing every other token's update costs almost nothing; per
+    token, it costs their share of the positions. The floor (1% of the median) leaves them be."""
+    block = ("model.lft.block_start=1", "model.lft.block_end=4")
+    per = {n: lft_model(teachers["llama"], *block, f"model.lft.loss_norm={n}") for n in ("sequence", "token", "both")}
+    u = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(0))
+    u[:, 0] *= 1000
+    pred = u.clone()
+    pred[:, 1:] = 0  # the update of every token but the first missed entirely
+    assert float(per["sequence"]._nmse(pred, u, u)) < 1e-4
+    assert float(per["token"]._nmse(pred, u, u)) == pytest.approx(7 / 8)
+    assert float(per["both"]._nmse(pred, u, u)) == pytest.approx(7 / 16, rel=1e-3)
+    missed_first = u.clone()
+    missed_first[:, 0] = 0  # the massive token missed: per token only 1/8 of the loss, per sequence nearly all
+    assert float(per["token"]._nmse(missed_first, u, u)) == pytest.approx(1 / 8)
+    assert float(per["both"]._nmse(missed_first, u, u)) == pytest.approx((1 + 1 / 8) / 2, rel=1e-3)
+    for model in per.values():  # a batch's loss is the mean of its halves' (2 DDP ranks = 1 process)
+        err = torch.randn_like(u)
+        whole = model._nmse(u + err, u, u)
+        halves = (model._nmse(u[:1] + err[:1], u[:1], u[:1]) + model._nmse(u[1:] + err[1:], u[1:], u[1:])) / 2
+        torch.testing.assert_close(whole, halves)
+    with pytest.raises(ConfigError, match="model.lft.loss_norm"):
+        lft_model(teachers["llama"], *block, "model.lft.loss_norm=global")
 
 
 # ---------------------------------------------------------------------------- recoupling ratio
@@ -165,6 +191,18 @@ def test_skip_baselines_and_student_rows(teachers):
     assert [r["steps"] for r in rows] == [1, 2] and all(r["nmse"] > 0 and r["kl"] > 0 for r in rows)
     # k = 1 at init is the copied layer 1 alone: the same as skipping layers 2 and 3
     assert rows[0]["kl"] == pytest.approx(skip_baselines(model.teacher, x, 2, [2], batch=2)[0]["kl"], rel=1e-4)
+
+
+def test_block_table_skip_kl_is_the_skip_baseline_of_each_block(teachers):
+    model = lft_model(teachers["llama"], "model.lft.block_start=1", "model.lft.block_end=4")
+    x = tokens(4)
+    rows = recoupling_table(model.teacher, x, [(1, 3), (2, 5), (0, 6)], states=32, skip_kl=True, batch=2)
+    assert [r["block"] for r in rows] == ["[1,3)", "[2,5)", "[0,6)"]
+    for (m, n), r in zip([(1, 3), (2, 5)], rows):
+        assert r["skip_kl"] == pytest.approx(skip_baselines(model.teacher, x, m, [n - m], batch=2)[0]["kl"], rel=1e-5)
+        assert 0 <= r["recoupling"] <= 1 and r["update_over_state"] > 0
+    assert rows[2]["skip_kl"] > rows[0]["skip_kl"] > 0  # all layers gone: the most to restore
+    assert "skip_kl" not in recoupling_table(model.teacher, x, [(1, 3)], states=32)[0]
 
 
 def test_config_errors_name_the_key(teachers, tmp_path):

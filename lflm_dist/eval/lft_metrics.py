@@ -109,10 +109,13 @@ def recoupling_ratio(x0: torch.Tensor, x1: torch.Tensor) -> float:
 
 @torch.no_grad()
 def recoupling_table(lm: nn.Module, windows: torch.Tensor, blocks: list[tuple[int, int]], states: int = 256,
-                     seed: int = 0) -> list[dict]:
+                     seed: int = 0, skip_kl: bool = False, batch: int = 4) -> list[dict]:
     """The recoupling ratio of each candidate block (m, n) on `states` token states drawn from
-    the windows (the same states for every block), with the block's relative update size."""
+    the windows (the same states for every block), with the block's relative update size and,
+    with `skip_kl`, the KL(teacher || teacher without the block) on the windows: how much the
+    flow layer has to restore (on SmolLM2 it separates blocks where the ratio does not)."""
     layers = layer_list(lm)
+    teacher_lp = _log_probs(lm, windows, batch) if skip_kl else None
     g = torch.Generator().manual_seed(seed)
     flat = torch.randperm(windows.numel(), generator=g)[:states]
     rows = []
@@ -127,6 +130,9 @@ def recoupling_table(lm: nn.Module, windows: torch.Tensor, blocks: list[tuple[in
         x1 = cap.x1.reshape(-1, cap.x1.shape[-1])[flat].float()
         rows.append({"block": f"[{m},{n})", "m": m, "n": n, "layers": n - m, "recoupling": recoupling_ratio(x0, x1),
                      "update_over_state": float((x1 - x0).norm(dim=-1).mean() / x0.norm(dim=-1).mean())})
+        if teacher_lp is not None:
+            lp = _log_probs(lm, windows, batch, layers[:m] + layers[n:])
+            rows[-1]["skip_kl"] = kl_and_ppl(teacher_lp, lp, windows)["kl"]
     return rows
 
 

@@ -12,8 +12,15 @@ batch: one teacher forward through layers 0..n-1 without autograd). Objectives:
                   L_FW = |x_hat(1) - x1|^2 + alpha L_FM   (the paper's distillation objective: it
                   trains the map the student runs, and the random times keep it a flow)
 
-Both squared errors are normalised per sequence by |x1 - x0|^2 (NMSE of the block's update), so
-the loss is on the same scale for any teacher and a batch's loss is the mean of its halves'.
+Both squared errors are normalised by the block's update energy |x1 - x0|^2 (an NMSE), so the loss
+is on the same scale for any teacher and a batch's loss is the mean of its halves'. `lft.loss_norm`
+says over what: `sequence` (the sum over a sequence's tokens by its update energy), `token`
+(each token's error by its own update energy, then the mean over tokens) or `both` (their mean).
+In Llama-family teachers the first token carries a massive activation (SmolLM2: state norm
+~23,000 against ~330 elsewhere) and where a block builds it (layers 9-11 of SmolLM2) it holds 98%
+of the block's update energy, so per sequence the loss is nearly all that one token; per token
+every position counts alike (the next layer's RMSNorm reads each token's direction, not its size)
+but the massive token, the later layers' attention sink, weighs 1/T; `both` trains each.
 
 The student is the teacher with the block swapped for the flow layer run `steps` times; it is a
 causal LM, so its NLL is exact (`nll_bound`), and it works with `transformers`' `generate`
@@ -40,6 +47,7 @@ from lflm_dist.models.noise import Noise
 
 OBJECTIVES = ("flow_matching", "flow_walking")
 SOLVERS = {"euler": 1, "midpoint": 2}  # velocity evaluations per step
+LOSS_NORMS = ("sequence", "token", "both")
 
 
 def teacher_config(path: str):
@@ -79,9 +87,9 @@ class LatentFlowTransformer(ModelFamily):
         self._init_layer = init_layer
         self._pair_cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}  # lft.pair_cache_gb
         self._pair_cache_bytes = 0
-        # the last batch's teacher work, as fractions of its sequences: run through layers 0..m-1
-        # only (the arguments of cached pairs), and through 0..n-1 (pairs computed); see flops_per_token
-        self._teacher_passes = (0.0, 1.0)
+        # the share of the last batch's sequences the teacher ran through layers 0..n-1 (the others'
+        # pairs came from the cache, which costs no teacher layer); see flops_per_token
+        self._teacher_share = 1.0
         self._layer_flops = self._count_layer_flops()
         for part in (self.teacher, self.flow.field.layer):
             for mod in part.modules():  # values come from the teacher's weights (init.py leaves them at 0)
@@ -117,6 +125,8 @@ class LatentFlowTransformer(ModelFamily):
         for key in ("solver", "walk_solver"):
             if getattr(c, key) not in SOLVERS:
                 raise ConfigError(f"{k}{key} must be one of {list(SOLVERS)}, got {getattr(c, key)!r}")
+        if c.loss_norm not in LOSS_NORMS:
+            raise ConfigError(f"{k}loss_norm must be one of {list(LOSS_NORMS)}, got {c.loss_norm!r}")
         if c.steps < 1 or c.walk_steps < 1 or c.alpha_fm < 0 or not 0 <= c.t0_frac <= 1:
             raise ConfigError(f"{k}steps and walk_steps must be >= 1, alpha_fm >= 0 and t0_frac in [0, 1]")
         vocab = hf.get("vocab_size", 0)
@@ -175,13 +185,13 @@ class LatentFlowTransformer(ModelFamily):
         1 for flow matching, (k x evaluations per step) + 1 (the regulariser) for Flow Walking.
         The adaLN's t embedding and modulation run once per sequence, not per token: left out.
         With lft.pair_cache_gb the teacher's share is that of the last training batch: a cached
-        pair costs only layers 0..m-1 (its layer-m arguments), so once every sequence is cached
-        the count drops (counting the full teacher then gave an MFU above 100%). Before training,
-        and without the cache, every sequence runs 0..n-1."""
+        pair costs no teacher layer (layer m's arguments come from the embedding and positions,
+        the forward stopping at layer m's input), so once every sequence is cached only the flow
+        layer counts (counting the teacher then gave an MFU above 100%). Before training, and
+        without the cache, every sequence runs 0..n-1."""
         c = self.cfg.lft
         cost, flow = self._layer_flops
-        to_m, to_n = self._teacher_passes
-        teacher = to_m * sum(cost[:self.m]) + to_n * sum(cost)
+        teacher = self._teacher_share * sum(cost)
         evals = 1 if c.objective == "flow_matching" else c.walk_steps * SOLVERS[c.walk_solver] + (c.alpha_fm > 0)
         return teacher + evals * 3 * flow
 
@@ -215,12 +225,12 @@ class LatentFlowTransformer(ModelFamily):
         sequences seen before come from host memory (keyed by their tokens) and the teacher runs
         only on the others."""
         if self.cfg.lft.pair_cache_gb <= 0:
-            self._teacher_passes = (0.0, 1.0)
+            self._teacher_share = 1.0
             return self._teacher_capture(tokens)
         cache = self._pair_cache
         keys = [hashlib.blake2b(row.cpu().numpy().tobytes(), digest_size=16).digest() for row in tokens]
         todo = [i for i, k in enumerate(keys) if k not in cache]
-        self._teacher_passes = (0.0, 1.0) if len(todo) == len(tokens) else (1.0, len(todo) / len(tokens))
+        self._teacher_share = len(todo) / len(tokens)
         if len(todo) == len(tokens):
             cap = self._teacher_capture(tokens)
             fresh = {i: (cap.x0[i], cap.x1[i]) for i in todo}
@@ -240,30 +250,41 @@ class LatentFlowTransformer(ModelFamily):
         cap.x0, cap.x1 = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         return cap
 
-    @staticmethod
-    def _nmse(pred: torch.Tensor, target: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """Per-sequence |pred - target|^2 / scale ([B]), averaged."""
-        return ((pred.float() - target.float()).pow(2).sum((1, 2)) / scale).mean()
+    def _nmse(self, pred: torch.Tensor, target: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """|pred - target|^2 over the update energy |u|^2 (lft.loss_norm): per sequence, per token
+        (each token's floored at 1% of its sequence's median token, not the mean, which a massive
+        token sets, so a token the block barely moves is not weighted without bound; per sequence,
+        so a batch's loss stays the mean of its halves'), or the mean of the two (both: the massive
+        token trains through the first, the others through the second)."""
+        err = (pred.float() - target.float()).pow(2)
+        e = u.float().pow(2)
+        norm = self.cfg.lft.loss_norm
+        per_seq = (err.sum((1, 2)) / e.sum((1, 2)).clamp_min(1e-12)).mean() if norm != "token" else None
+        if norm == "sequence":
+            return per_seq
+        e_tok = e.sum(-1)
+        floor = e_tok.median(dim=1, keepdim=True).values * 1e-2 + 1e-12
+        per_tok = (err.sum(-1) / torch.maximum(e_tok, floor)).mean()
+        return per_tok if norm == "token" else (per_seq + per_tok) / 2
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         c = self.cfg.lft
         cap = self.block_states(batch["input_ids"])
         x0, x1 = cap.x0, cap.x1
         u = x1 - x0
-        scale = u.float().pow(2).sum((1, 2)).clamp_min(1e-12)
         noise = Noise.for_batch(batch, x0)
         B = x0.shape[0]
         t = noise.uniform((B,))
         if c.t0_frac > 0:  # a share at t = 0: the point a one-step Euler student evaluates
             t = torch.where(noise.uniform((B,)) < c.t0_frac, torch.zeros_like(t), t)
         xt = x0 + t.to(x0.dtype)[:, None, None] * u
-        fm = self._nmse(self.flow.velocity(xt, t, cap.args, cap.kwargs), u, scale) \
+        fm = self._nmse(self.flow.velocity(xt, t, cap.args, cap.kwargs), u, u) \
             if c.objective == "flow_matching" or c.alpha_fm > 0 else torch.zeros((), device=x0.device)
         if c.objective == "flow_matching":
             return {"loss": fm, "fm": fm.detach()}
         inner = noise.uniform((B, c.walk_steps - 1)).sort(-1).values
         times = torch.cat([torch.zeros(B, 1, device=x0.device), inner, torch.ones(B, 1, device=x0.device)], 1)
-        walk = self._nmse(self.flow.integrate(x0, times, cap.args, cap.kwargs, c.walk_solver), x1, scale)
+        walk = self._nmse(self.flow.integrate(x0, times, cap.args, cap.kwargs, c.walk_solver), x1, u)
         return {"loss": walk + c.alpha_fm * fm, "walk": walk.detach(), "fm": fm.detach()}
 
     # ------------------------------------------------------------------ the student
