@@ -131,8 +131,7 @@ def recoupling_table(lm: nn.Module, windows: torch.Tensor, blocks: list[tuple[in
         rows.append({"block": f"[{m},{n})", "m": m, "n": n, "layers": n - m, "recoupling": recoupling_ratio(x0, x1),
                      "update_over_state": float((x1 - x0).norm(dim=-1).mean() / x0.norm(dim=-1).mean())})
         if teacher_lp is not None:
-            lp = _log_probs(lm, windows, batch, layers[:m] + layers[n:])
-            rows[-1]["skip_kl"] = kl_and_ppl(teacher_lp, lp, windows)["kl"]
+            rows[-1]["skip_kl"] = skip_baselines(lm, windows, m, [n - m], batch, teacher_lp)[0]["kl"]
     return rows
 
 
