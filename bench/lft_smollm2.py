@@ -14,6 +14,8 @@ characters (held out from the scored windows by position), sharded with the teac
     python bench/lft_smollm2.py --only scan          # every 12-layer block: recoupling, update size, skip KL
     python bench/lft_smollm2.py --only fw --fw-block 9:21 --fw-from-fm 3000 --fw-steps 600 \\
         --set model.lft.loss_norm=both --fw-run runs/lft_fw_9_21_both
+    python bench/lft_smollm2.py --only fw --fw-block 9:21 --fw-init runs/lft_fw_9_21_both_fm3000 \\
+        --set model.lft.loss_norm=both --fw-set model.lft.kl_weight=1 --fw-steps 250 --fw-run runs/lft_fw_9_21_kl
 
 Writes bench/results/lft_smollm2.json (+ .png: KL against layers removed) and prints the tables;
 flow-matching / Flow Walking rows are kept per run dir, so runs of different lengths sit side by
@@ -100,6 +102,12 @@ def main() -> int:
     p.add_argument("--fw-from-fm", type=int, default=0, metavar="STEPS",
                    help="first train flow matching on the Flow Walking block for STEPS steps (run FW_RUN_fmSTEPS, "
                         "scored too), and start Flow Walking from its flow layer (model.lft.init_from)")
+    p.add_argument("--fw-init", default="", metavar="RUN",
+                   help="start Flow Walking from the flow layer of this existing run (model.lft.init_from; "
+                        "e.g. the flow-matching run an earlier --fw-from-fm trained)")
+    p.add_argument("--fw-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for the Flow Walking run only (repeatable), "
+                        "e.g. model.lft.kl_weight=1")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for the runs trained (repeatable), "
                         "e.g. model.lft.loss_norm=token")
@@ -159,6 +167,9 @@ def main() -> int:
             rows = compare(train(fm_run, a.fw_from_fm, fm_over), "1,2,3,5", skips)
             record(res, "flow_matching", fm_run, a.fw_from_fm, fm_over, rows)
             over.append(f"model.lft.init_from={fm_run}")
+        elif a.fw_init:
+            over.append(f"model.lft.init_from={a.fw_init}")
+        over += a.fw_set
         rows = compare(train(a.fw_run, a.fw_steps, over), "1,2,3,5", skips)
         record(res, "flow_walking", a.fw_run, a.fw_steps, over, rows)
     res["command"] = "python bench/lft_smollm2.py " + " ".join(sys.argv[1:])

@@ -193,6 +193,10 @@ class LFTConfig:
     # (token: every position weighs alike, not the first token's massive activation), or the mean
     # of the two losses (both); see models/lft.py
     loss_norm: str = "sequence"
+    # weight of KL(teacher || student) of the next-token distributions at the student's x1 estimate
+    # (the teacher's layers n.. and head run on it and on x1; see models/lft.py); 0: off
+    kl_weight: float = 0.0
+    kl_tokens: int = 64  # positions per sequence the KL scores (0: all; the head is vocabulary-wide)
     t0_frac: float = 0.0  # share of flow-matching samples at t = 0 (where a 1-step Euler student reads the field)
     steps: int = 1  # solver steps of the student (evaluation, generation)
     solver: str = "euler"  # euler | midpoint

@@ -8,6 +8,7 @@ import torch
 from lflm_dist.config import ConfigError, load_config
 from lflm_dist.eval.lft_metrics import kl_and_ppl, recoupling_ratio, recoupling_table, skip_baselines, student_rows
 from lflm_dist.models.lft_layers import integrate
+from lflm_dist.models.noise import sample_keys
 from lflm_dist.models.registry import build_model
 
 VOCAB = 384  # the tiny_data tokenizer's size
@@ -134,6 +135,48 @@ def test_token_loss_norm_weighs_every_position_alike(teachers):
         torch.testing.assert_close(whole, halves)
     with pytest.raises(ConfigError, match="model.lft.loss_norm"):
         lft_model(teachers["llama"], *block, "model.lft.loss_norm=global")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_logits_kl_term_is_the_judged_kl_and_training_on_it_lowers_it(teachers, arch):
+    """lft.kl_weight's term, scored at every position, is the KL the student is judged by
+    (lft_metrics.kl_and_ppl of teacher and student log-probs): at the one-step student's x1_hat
+    (flow matching at t = 0) it equals the evaluation's KL, at x1 it is 0; at a subset of positions
+    a batch's term is the mean of its halves'. Minimised on one batch (with Flow Walking) it falls."""
+    block = ("model.lft.block_start=1", "model.lft.block_end=4")
+    model = lft_model(teachers[arch], *block, "model.lft.kl_weight=1", "model.lft.kl_tokens=0", "model.lft.t0_frac=1")
+    x = tokens(3)
+    with torch.no_grad():
+        model.flow.field.ada.bias.normal_(0, 0.3)  # a flow layer that is not the copied layer
+        teacher_lp = model.teacher(input_ids=x).logits.float().log_softmax(-1)
+        student_lp = model.logits(x).float().log_softmax(-1)
+        judged = kl_and_ppl(teacher_lp, student_lp, x)["kl"]
+        assert judged > 1e-3
+        out = model.loss({"input_ids": x})
+        assert float(out["kl"]) == pytest.approx(judged, rel=1e-4)
+        cap = model._teacher_capture(x)
+        assert float(model._logits_kl(x, cap.x1, cap.x1, None)) == pytest.approx(0, abs=1e-6)
+        part = lft_model(teachers[arch], *block, "model.lft.kl_weight=1", "model.lft.kl_tokens=5")
+        part.load_state_dict(model.state_dict())
+        keys = sample_keys(0, 0, 0, 3)
+        whole = part.loss({"input_ids": x, "noise_key": keys})["kl"]
+        halves = [part.loss({"input_ids": x[i:j], "noise_key": keys[i:j]})["kl"] for i, j in ((0, 1), (1, 3))]
+        torch.testing.assert_close(whole, (halves[0] + 2 * halves[1]) / 3)
+    fw = lft_model(teachers[arch], *block, "model.lft.objective=flow_walking", "model.lft.kl_weight=1").train()
+    opt = torch.optim.Adam([p for p in fw.parameters() if p.requires_grad], lr=3e-3)
+    kls = []
+    torch.manual_seed(0)  # the walk's times (no noise keys: torch's RNG)
+    for _ in range(25):
+        out = fw.loss({"input_ids": x})
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        kls.append(float(out["kl"]))
+    assert set(out) == {"loss", "walk", "fm", "kl"}
+    assert kls[-1] < 0.5 * kls[0]
+    assert all(p.grad is None for p in fw.teacher.parameters())
+    with pytest.raises(ConfigError, match="model.lft.kl_weight"):
+        lft_model(teachers[arch], *block, "model.lft.kl_weight=-1")
 
 
 # ---------------------------------------------------------------------------- recoupling ratio

@@ -22,6 +22,13 @@ of the block's update energy, so per sequence the loss is nearly all that one to
 every position counts alike (the next layer's RMSNorm reads each token's direction, not its size)
 but the massive token, the later layers' attention sink, weighs 1/T; `both` trains each.
 
+With `lft.kl_weight` > 0 the loss adds a distillation term in the quantity the student is judged
+by: KL(teacher || student) of the next-token distributions, the teacher's layers n.. and head run
+on x1 (no autograd) and on the student's x1_hat (the walk's end for Flow Walking, the one-step
+extrapolation x_t + (1 - t) v for flow matching), at `lft.kl_tokens` random positions per sequence
+(the head is vocabulary-wide; the layers above the block run on every position). The NMSE weighs
+every direction of the residual stream alike; the layers above the block do not.
+
 The student is the teacher with the block swapped for the flow layer run `steps` times; it is a
 causal LM, so its NLL is exact (`nll_bound`), and it works with `transformers`' `generate`
 inside `student()`. The teacher's weights come from `lft.teacher` (an HF model dir) through the
@@ -42,7 +49,8 @@ import torch.nn as nn
 from lflm_dist.config import ConfigError, ModelConfig
 from lflm_dist.models.blocks import sample_token
 from lflm_dist.models.family import Bound, BoundSettings, EvalLayout, ModelFamily
-from lflm_dist.models.lft_layers import BlockCapture, FlowLayer, StopForward, decoder_layers, layers_replaced
+from lflm_dist.models.lft_layers import (BlockCapture, FlowLayer, InjectState, StopForward, decoder_layers,
+                                        layers_replaced)
 from lflm_dist.models.noise import Noise
 
 OBJECTIVES = ("flow_matching", "flow_walking")
@@ -129,6 +137,9 @@ class LatentFlowTransformer(ModelFamily):
             raise ConfigError(f"{k}loss_norm must be one of {list(LOSS_NORMS)}, got {c.loss_norm!r}")
         if c.steps < 1 or c.walk_steps < 1 or c.alpha_fm < 0 or not 0 <= c.t0_frac <= 1:
             raise ConfigError(f"{k}steps and walk_steps must be >= 1, alpha_fm >= 0 and t0_frac in [0, 1]")
+        if c.kl_weight < 0 or c.kl_tokens < 0:
+            raise ConfigError(f"{k}kl_weight and kl_tokens must be >= 0 (kl_tokens 0: every position), "
+                              f"got {c.kl_weight} and {c.kl_tokens}")
         vocab = hf.get("vocab_size", 0)
         if cfg.model.vocab_size > vocab:
             raise ConfigError(f"the tokenizer has {cfg.model.vocab_size} tokens, the teacher {c.teacher} {vocab}: "
@@ -171,13 +182,15 @@ class LatentFlowTransformer(ModelFamily):
     def _layer_params(self, layer: nn.Module) -> int:
         return sum(p.numel() for p in layer.parameters() if p.dim() > 1)
 
-    def _count_layer_flops(self) -> tuple[list[float], float]:
-        """(each teacher layer's forward FLOPs per token, the flow layer's forward), counted once,
-        as the model is built: ZeRO-3 later leaves each rank's parameters empty."""
+    def _count_layer_flops(self) -> tuple[list[float], float, float]:
+        """(each teacher layer's forward FLOPs per token, the flow layer's forward, the head's per
+        scored position), counted once, as the model is built: ZeRO-3 later leaves each rank's
+        parameters empty."""
         D = self.teacher.config.hidden_size
         attn = 4.0 * (self.cfg.seq_len / 2) * D
-        return ([2.0 * self._layer_params(l) + attn for l in self.teacher_layers[:self.n]],
-                2.0 * self._layer_params(self.flow.field.layer) + attn)
+        head = self.teacher.get_output_embeddings().weight
+        return ([2.0 * self._layer_params(l) + attn for l in self.teacher_layers],
+                2.0 * self._layer_params(self.flow.field.layer) + attn, 2.0 * head.shape[0] * D)
 
     def flops_per_token(self) -> float:
         """Teacher forward through layers 0..n-1 (2 x matmul params + causal attention 4 (T/2) D
@@ -188,12 +201,17 @@ class LatentFlowTransformer(ModelFamily):
         pair costs no teacher layer (layer m's arguments come from the embedding and positions,
         the forward stopping at layer m's input), so once every sequence is cached only the flow
         layer counts (counting the teacher then gave an MFU above 100%). Before training, and
-        without the cache, every sequence runs 0..n-1."""
+        without the cache, every sequence runs 0..n-1. With lft.kl_weight, the layers n.. and the
+        head (at kl_tokens of seq_len positions) run forward on x1 and forward and backward on x1_hat."""
         c = self.cfg.lft
-        cost, flow = self._layer_flops
-        teacher = self._teacher_share * sum(cost)
+        cost, flow, head = self._layer_flops
+        teacher = self._teacher_share * sum(cost[:self.n])
         evals = 1 if c.objective == "flow_matching" else c.walk_steps * SOLVERS[c.walk_solver] + (c.alpha_fm > 0)
-        return teacher + evals * 3 * flow
+        total = teacher + evals * 3 * flow
+        if c.kl_weight > 0:
+            scored = min(c.kl_tokens, self.cfg.seq_len) / self.cfg.seq_len if c.kl_tokens > 0 else 1.0
+            total += 4 * (sum(cost[self.n:]) + scored * head)
+        return total
 
     def shard_units(self) -> list[nn.Module]:
         return [self.flow.field]  # called through forward() once per velocity evaluation
@@ -250,6 +268,30 @@ class LatentFlowTransformer(ModelFamily):
         cap.x0, cap.x1 = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         return cap
 
+    def _final_hidden(self, tokens: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The teacher's last hidden state (after its final norm) when the state leaving layer n-1
+        is h: its layers n.. run on h (an empty block above: h itself is normed)."""
+        with layers_replaced(self.teacher, [InjectState(h)] + self.teacher_layers[self.n:]):
+            return self.teacher.base_model(input_ids=tokens, use_cache=False).last_hidden_state
+
+    def _logits_kl(self, tokens: torch.Tensor, x1_hat: torch.Tensor, x1: torch.Tensor, noise: Noise) -> torch.Tensor:
+        """KL(teacher || student) of the next-token distributions at lft.kl_tokens random positions
+        per sequence (all if 0 or >= T), mean over positions: the student's state x1_hat and the
+        teacher's x1 carried through the teacher's layers n.. and its head."""
+        B, T = tokens.shape
+        P = self.cfg.lft.kl_tokens
+        keep = noise.uniform((B, T)).argsort(-1)[:, :P] if 0 < P < T else None
+        head = self.teacher.get_output_embeddings()
+
+        def log_probs(h):
+            h = self._final_hidden(tokens, h)
+            if keep is not None:
+                h = h.gather(1, keep[..., None].expand(-1, -1, h.shape[-1]))
+            return head(h).float().log_softmax(-1)
+        with torch.no_grad():
+            teacher = log_probs(x1)
+        return (teacher.exp() * (teacher - log_probs(x1_hat))).sum(-1).mean()
+
     def _nmse(self, pred: torch.Tensor, target: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """|pred - target|^2 over the update energy |u|^2 (lft.loss_norm): per sequence, per token
         (each token's floored at 1% of its sequence's median token, not the mean, which a massive
@@ -277,15 +319,24 @@ class LatentFlowTransformer(ModelFamily):
         t = noise.uniform((B,))
         if c.t0_frac > 0:  # a share at t = 0: the point a one-step Euler student evaluates
             t = torch.where(noise.uniform((B,)) < c.t0_frac, torch.zeros_like(t), t)
-        xt = x0 + t.to(x0.dtype)[:, None, None] * u
-        fm = self._nmse(self.flow.velocity(xt, t, cap.args, cap.kwargs), u, u) \
-            if c.objective == "flow_matching" or c.alpha_fm > 0 else torch.zeros((), device=x0.device)
+        tb = t.to(x0.dtype)[:, None, None]
+        xt = x0 + tb * u
+        v = self.flow.velocity(xt, t, cap.args, cap.kwargs) \
+            if c.objective == "flow_matching" or c.alpha_fm > 0 else None
+        fm = self._nmse(v, u, u) if v is not None else torch.zeros((), device=x0.device)
         if c.objective == "flow_matching":
-            return {"loss": fm, "fm": fm.detach()}
-        inner = noise.uniform((B, c.walk_steps - 1)).sort(-1).values
-        times = torch.cat([torch.zeros(B, 1, device=x0.device), inner, torch.ones(B, 1, device=x0.device)], 1)
-        walk = self._nmse(self.flow.integrate(x0, times, cap.args, cap.kwargs, c.walk_solver), x1, u)
-        return {"loss": walk + c.alpha_fm * fm, "walk": walk.detach(), "fm": fm.detach()}
+            out, x1_hat = {"loss": fm, "fm": fm.detach()}, xt + (1 - tb) * v
+        else:
+            inner = noise.uniform((B, c.walk_steps - 1)).sort(-1).values
+            times = torch.cat([torch.zeros(B, 1, device=x0.device), inner, torch.ones(B, 1, device=x0.device)], 1)
+            x1_hat = self.flow.integrate(x0, times, cap.args, cap.kwargs, c.walk_solver)
+            walk = self._nmse(x1_hat, x1, u)
+            out = {"loss": walk + c.alpha_fm * fm, "walk": walk.detach(), "fm": fm.detach()}
+        if c.kl_weight > 0:
+            kl = self._logits_kl(batch["input_ids"], x1_hat, x1, noise)
+            out["loss"] = out["loss"] + c.kl_weight * kl
+            out["kl"] = kl.detach()
+        return out
 
     # ------------------------------------------------------------------ the student
     @contextlib.contextmanager

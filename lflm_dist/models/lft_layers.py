@@ -168,6 +168,19 @@ def integrate(velocity, x: torch.Tensor, times: torch.Tensor, solver: str = "eul
     return x
 
 
+class InjectState(nn.Module):
+    """A decoder-layer stand-in whose output is a given hidden state, whatever it is passed: the
+    LM's layers after it, final norm and head then run on that state (the embedding lookup before
+    it is the only other work)."""
+
+    def __init__(self, state: torch.Tensor):
+        super().__init__()
+        self.state = state
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.state
+
+
 class StopForward(Exception):
     """Raised by a BlockCapture with stop=True once layer m's arguments are known."""
 
