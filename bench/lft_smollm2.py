@@ -190,7 +190,7 @@ def main() -> int:
 
 def plot(res: dict, path: Path) -> None:
     from lflm_dist.eval.lft_metrics import plot_kl
-    flows = [(f"{r['model']}, {run['train_steps']} steps", marker, r)
+    flows = [(f"{r['model']}, {Path(run['run']).name} ({run['train_steps']} steps)", marker, r)
              for key, marker in (("flow_matching", "*"), ("flow_walking", "D")) for run in res.get(key, [])
              for r in run["rows"] if r["model"].startswith("flow") and r["steps"] in (1, 3)]
     plot_kl([r for r in res.get("skips", []) if r["model"].startswith("skip [12")], flows, path)

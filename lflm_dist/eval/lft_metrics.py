@@ -149,13 +149,14 @@ def plot_kl(skips: list[dict], flows: list[tuple[str, str, dict]], path: str | P
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = plt.subplots(figsize=(5.5 + 2.5 * (len(flows) > 6), 3.8))
     ax.plot([r["layers_removed"] for r in skips], [r["kl"] for r in skips], "o-", color="gray", label="skip layers")
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 20 before a colour repeats (the default has 10)
     for label, marker, r in flows:
         ax.plot(r["layers_removed"], r["kl"], marker, ms=8, label=label)
     ax.set_xlabel("layers removed (net: a flow layer counts as one)")
     ax.set_ylabel("KL(teacher || student), nats")
     ax.set_yscale("log")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1)} if len(flows) > 6 else {}))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
