@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from lflm_dist.data.corpus import _read_text
-from lflm_dist.models.lft_layers import BlockCapture, decoder_layers, layers_replaced
+from lflm_dist.models.lft_layers import BlockCapture, decoder_layers, layers_replaced, next_token_kl
 
 
 def read_text(path: str | Path, max_chars: int = 0) -> str:
@@ -60,7 +60,7 @@ def _log_probs(lm: nn.Module, windows: torch.Tensor, batch: int, layers: list[nn
 
 def kl_and_ppl(teacher_lp: torch.Tensor, lp: torch.Tensor, windows: torch.Tensor) -> dict:
     """KL(teacher || model) per position (mean) and the model's perplexity on the windows."""
-    kl = (teacher_lp.exp() * (teacher_lp - lp)).sum(-1).mean()
+    kl = next_token_kl(teacher_lp, lp).mean()
     nll = -lp[:, :-1].gather(-1, windows[:, 1:, None]).sum()
     return {"kl": float(kl), "ppl": math.exp(float(nll) / windows[:, 1:].numel())}
 

@@ -50,7 +50,7 @@ from lflm_dist.config import ConfigError, ModelConfig
 from lflm_dist.models.blocks import sample_token
 from lflm_dist.models.family import Bound, BoundSettings, EvalLayout, ModelFamily
 from lflm_dist.models.lft_layers import (BlockCapture, FlowLayer, InjectState, StopForward, decoder_layers,
-                                        layers_replaced)
+                                        layers_replaced, next_token_kl)
 from lflm_dist.models.noise import Noise
 
 OBJECTIVES = ("flow_matching", "flow_walking")
@@ -290,7 +290,7 @@ class LatentFlowTransformer(ModelFamily):
             return head(h).float().log_softmax(-1)
         with torch.no_grad():
             teacher = log_probs(x1)
-        return (teacher.exp() * (teacher - log_probs(x1_hat))).sum(-1).mean()
+        return next_token_kl(teacher, log_probs(x1_hat)).mean()
 
     def _nmse(self, pred: torch.Tensor, target: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """|pred - target|^2 over the update energy |u|^2 (lft.loss_norm): per sequence, per token

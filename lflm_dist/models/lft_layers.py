@@ -168,6 +168,12 @@ def integrate(velocity, x: torch.Tensor, times: torch.Tensor, solver: str = "eul
     return x
 
 
+def next_token_kl(teacher_lp: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions at each position, from log-probs
+    [..., V]: the quantity an LFT student is judged by (evaluation) and, with lft.kl_weight, trained on."""
+    return (teacher_lp.exp() * (teacher_lp - lp)).sum(-1)
+
+
 class InjectState(nn.Module):
     """A decoder-layer stand-in whose output is a given hidden state, whatever it is passed: the
     LM's layers after it, final norm and head then run on that state (the embedding lookup before
