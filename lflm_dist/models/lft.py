@@ -325,7 +325,8 @@ class LatentFlowTransformer(ModelFamily):
             if c.objective == "flow_matching" or c.alpha_fm > 0 else None
         fm = self._nmse(v, u, u) if v is not None else torch.zeros((), device=x0.device)
         if c.objective == "flow_matching":
-            out, x1_hat = {"loss": fm, "fm": fm.detach()}, xt + (1 - tb) * v
+            out = {"loss": fm, "fm": fm.detach()}
+            x1_hat = xt + (1 - tb) * v if c.kl_weight > 0 else None  # the one-step extrapolation
         else:
             inner = noise.uniform((B, c.walk_steps - 1)).sort(-1).values
             times = torch.cat([torch.zeros(B, 1, device=x0.device), inner, torch.ones(B, 1, device=x0.device)], 1)
