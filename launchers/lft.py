@@ -12,7 +12,8 @@
     # a trained run: KL, NMSE and perplexity for k solver steps, beside the skip baselines of its block
     python launchers/lft.py compare --run runs/lft_fm_12_19_4k --text FILE --steps 1,2,3,5 --out res.json
 
-Text: the first --max-chars characters of FILE (.gz read as text), tokenized with the teacher's own
+Text: --max-chars characters of FILE (.gz read as text) from character --from-char (default: the first
+400,000; a later stretch scores text a run trained on, e.g. --from-char 500000), tokenized with the teacher's own
 tokenizer without special tokens, cut into the first --windows consecutive windows of --window
 tokens. KL is averaged over every position, perplexity is exp(total NLL / tokens).
 """
@@ -43,7 +44,7 @@ def load_teacher(path: str):
 
 def windows_of(tok, a) -> torch.Tensor:
     """No special tokens (Tokenizer.encode adds none), as the skip-baseline protocol."""
-    return M.token_windows(tok.encode(M.read_text(a.text, a.max_chars)), a.window, a.windows)
+    return M.token_windows(tok.encode(M.read_text(a.text, a.max_chars, a.from_char)), a.window, a.windows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--skips", default="1,2,3,4")
         s.add_argument("--text", required=True, help="text file (.gz ok)")
         s.add_argument("--max-chars", type=int, default=400_000)
+        s.add_argument("--from-char", type=int, default=0, help="start the text here (default: its beginning)")
         s.add_argument("--windows", type=int, default=12)
         s.add_argument("--window", type=int, default=256)
         s.add_argument("--batch", type=int, default=4)
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         lm, tok = load_teacher(a.teacher)
     win = windows_of(tok, a)
-    info = {"text": str(a.text), "max_chars": a.max_chars, "windows": len(win), "window": a.window}
+    info = {"text": str(a.text), "max_chars": a.max_chars, "from_char": a.from_char, "windows": len(win), "window": a.window}
     if a.cmd == "recoupling":
         n_layers = len(M.layer_list(lm))
         if a.every is not None and not 1 <= a.every <= n_layers:

@@ -108,6 +108,17 @@ def test_lft_run_evaluates_compares_and_exports(reference, tmp_path):
     assert rows[0]["kl"] == pytest.approx(0, abs=1e-6) and all(r["kl"] > 0 for r in rows[1:])
     assert (tmp_path / "kl.png").stat().st_size > 0
 
+    def later_rows(text_file, *args):  # --from-char: the text from that character on
+        p = subprocess.run([sys.executable, str(ROOT / "launchers/lft.py"), "compare", "--run", str(reference),
+                            "--text", str(text_file), "--windows", "2", "--window", "32", "--steps", "1",
+                            "--skips", "1", "--out", str(out), *args], capture_output=True, text=True, cwd=ROOT,
+                           timeout=300, env=env)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return [r["kl"] for r in json.loads(out.read_text())["rows"]]
+    tail = tmp_path / "tail.txt"
+    tail.write_text(text.read_text()[2000:])
+    assert later_rows(text, "--from-char", "2000") == later_rows(tail) != [r["kl"] for r in rows[:2] + rows[4:5]]
+
     sys.path.insert(0, str(ROOT / "launchers"))
     from export import export
     exported_dir = export(reference, tmp_path / "export")

@@ -29,9 +29,10 @@ from lflm_dist.data.corpus import _read_text
 from lflm_dist.models.lft_layers import BlockCapture, decoder_layers, layers_replaced, next_token_kl
 
 
-def read_text(path: str | Path, max_chars: int = 0) -> str:
-    """A text or .gz file (the data tools' reader: UTF-8, clear errors), its first max_chars characters."""
-    text = _read_text(Path(path))
+def read_text(path: str | Path, max_chars: int = 0, from_char: int = 0) -> str:
+    """A text or .gz file (the data tools' reader: UTF-8, clear errors): max_chars characters (0: all)
+    from character from_char on."""
+    text = _read_text(Path(path))[from_char:]
     return text[:max_chars] if max_chars else text
 
 
