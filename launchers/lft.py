@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--batch", type=int, default=4)
         s.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     a = p.parse_args(argv)
+    if a.from_char < 0:  # a negative start would silently score the file's tail
+        p.error(f"--from-char {a.from_char}: must be >= 0 (a character offset from the file's start)")
     torch.manual_seed(0)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
 
