@@ -21,6 +21,9 @@ characters (held out from the scored windows by position), sharded with the teac
     python bench/lft_smollm2.py --only fw --fw-block 9:21 --fw-init runs/lft_fw_9_21_kl_2 \\
         --set model.lft.loss_norm=both --fw-set model.lft.kl_weight=1 \\
         --train-extra ../shared/data/ptb/ptb.train.txt.gz --fw-steps 400 --fw-run runs/lft_fw_9_21_kl_ptb
+    python bench/lft_smollm2.py --only fw --fw-block 9:21 --fw-init runs/lft_fw_9_21_kl3_ptb \\
+        --set model.lft.loss_norm=both --fw-set model.lft.kl_weight=3 --fw-set train.seed=2 \\
+        --train-extra data/wiki.test.txt --fw-steps 500 --fw-run runs/lft_fw_9_21_kl3_wiki   # docs/lft.md
 
 Writes bench/results/lft_smollm2.json (+ .png: KL against layers removed) and prints the tables;
 flow-matching / Flow Walking rows are kept per run dir, so runs of different lengths sit side by
