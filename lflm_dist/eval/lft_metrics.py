@@ -150,7 +150,8 @@ def plot_kl(skips: list[dict], flows: list[tuple[str, str, dict]], path: str | P
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5 + 2.5 * (len(flows) > 6), 3.8))
+    # the legend sits beside the axes past 6 entries; the figure grows so that none is cut off
+    fig, ax = plt.subplots(figsize=(5.5 + 2.5 * (len(flows) > 6), max(3.8, 0.75 + 0.14 * (len(flows) + 1))))
     ax.plot([r["layers_removed"] for r in skips], [r["kl"] for r in skips], "o-", color="gray", label="skip layers")
     ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 20 before a colour repeats (the default has 10)
     for label, marker, r in flows:
