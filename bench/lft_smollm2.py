@@ -66,15 +66,21 @@ def prepare(extra: list[Path]) -> Path:
     from data_tools.fetch_reference_lm import export_hf, fetch
     from lflm_dist.data import Tokenizer, write_shards
     export_hf(fetch(), TEACHER)
-    data = DATA.with_name("+".join([DATA.name] + [f.name.split(".txt")[0] for f in extra]))
-    if (data / "valid" / "manifest.json").is_file():
-        return data
+    from lflm_dist.data.shards import documents_sha256
     from lflm_dist.eval.lft_metrics import read_text
+    data = DATA.with_name("+".join([DATA.name] + [f.name.split(".txt")[0] for f in extra]))
     text = read_text(WIKI)
+    train_docs = [("wiki.valid[train]", text[EVAL_CHARS:])] + [(f.name, read_text(f)) for f in extra]
+    if (data / "valid" / "manifest.json").is_file():
+        # the dir is named from the files' names: refuse one sharded from other text under the same names
+        made = json.loads((data / "train" / "manifest.json").read_text())
+        if made["source_sha256"] != documents_sha256(train_docs):
+            sys.exit(f"{data}: sharded from other text ({made['source']}) than these files; "
+                     f"remove the dir to re-shard, or rename the --train-extra files")
+        return data
     data.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer.load(TEACHER / "tokenizer.json")
     tok.save(data / "tokenizer.json")
-    train_docs = [("wiki.valid[train]", text[EVAL_CHARS:])] + [(f.name, read_text(f)) for f in extra]
     write_shards(train_docs, tok, data / "train", seq_len=256, samples_per_shard=1024,
                  source=" + ".join([f"{WIKI.name} chars {EVAL_CHARS}:"] + [str(f) for f in extra]))
     write_shards([("wiki.valid[valid]", text[:EVAL_CHARS])], tok, data / "valid", seq_len=256,
