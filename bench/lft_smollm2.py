@@ -65,9 +65,9 @@ def prepare(extra: list[Path]) -> Path:
     valid = the scored characters. Returns the data dir."""
     from data_tools.fetch_reference_lm import export_hf, fetch
     from lflm_dist.data import Tokenizer, write_shards
-    export_hf(fetch(), TEACHER)
     from lflm_dist.data.shards import documents_sha256
     from lflm_dist.eval.lft_metrics import read_text
+    export_hf(fetch(), TEACHER)
     data = DATA.with_name("+".join([DATA.name] + [f.name.split(".txt")[0] for f in extra]))
     text = read_text(WIKI)
     train_docs = [("wiki.valid[train]", text[EVAL_CHARS:])] + [(f.name, read_text(f)) for f in extra]

@@ -153,7 +153,8 @@ def plot_kl(skips: list[dict], flows: list[tuple[str, str, dict]], path: str | P
     # the legend sits beside the axes past 6 entries; the figure grows so that none is cut off
     fig, ax = plt.subplots(figsize=(5.5 + 2.5 * (len(flows) > 6), max(3.8, 0.75 + 0.14 * (len(flows) + 1))))
     ax.plot([r["layers_removed"] for r in skips], [r["kl"] for r in skips], "o-", color="gray", label="skip layers")
-    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 20 before a colour repeats (the default has 10)
+    # tab20 less its two greys (the skip line's colour): 18 before a colour repeats (the default has 10)
+    ax.set_prop_cycle(color=[c for i, c in enumerate(plt.cm.tab20.colors) if i not in (14, 15)])
     for label, marker, r in flows:
         ax.plot(r["layers_removed"], r["kl"], marker, ms=8, label=label)
     ax.set_xlabel("layers removed (net: a flow layer counts as one)")
