@@ -24,6 +24,10 @@ characters (held out from the scored windows by position), sharded with the teac
     python bench/lft_smollm2.py --only fw --fw-block 9:21 --fw-init runs/lft_fw_9_21_kl3_ptb \\
         --set model.lft.loss_norm=both --fw-set model.lft.kl_weight=3 --fw-set train.seed=2 \\
         --train-extra data/wiki.test.txt --fw-steps 500 --fw-run runs/lft_fw_9_21_kl3_wiki   # docs/lft.md
+    python bench/lft_smollm2.py --only fw --fw-block 9:21 --fw-init runs/lft_fw_9_21_kl3_wiki_2 \\
+        --set model.lft.loss_norm=both --fw-set model.lft.kl_weight=3 --fw-set model.lft.kl_tokens=0 \\
+        --fw-set model.lft.pair_cache_gb=4 --fw-set train.seed=4 \\
+        --train-extra data/wiki.test.txt --fw-steps 400 --fw-run runs/lft_fw_9_21_kl3all_wiki   # KL at every position
 
 Writes bench/results/lft_smollm2.json (+ .png: KL against layers removed) and prints the tables;
 flow-matching / Flow Walking rows are kept per run dir, so runs of different lengths sit side by
