@@ -28,6 +28,11 @@ characters (held out from the scored windows by position), sharded with the teac
         --set model.lft.loss_norm=both --fw-set model.lft.kl_weight=3 --fw-set model.lft.kl_tokens=0 \\
         --fw-set model.lft.pair_cache_gb=4 --fw-set train.seed=4 \\
         --train-extra data/wiki.test.txt --fw-steps 400 --fw-run runs/lft_fw_9_21_kl3all_wiki   # KL at every position
+    python bench/lft_smollm2.py --only fw --fw-block 9:21 --fw-init runs/lft_fw_9_21_kl3all_wiki_2 \\
+        --set model.lft.loss_norm=both --fw-set model.lft.kl_weight=3 --fw-set model.lft.kl_tokens=0 \\
+        --fw-set model.lft.pair_cache_gb=4 --fw-set train.seed=6 --fw-set train.lr=0.0005 \\
+        --fw-set train.min_lr=0.00005 --fw-steps 200 --train-extra data/wiki.test.txt --shuffled-copy \\
+        --fw-run runs/lft_fw_9_21_shuf_ab   # shuffled paragraphs (without --shuffled-copy: its control)
 
 Writes bench/results/lft_smollm2.json (+ .png: KL against layers removed) and prints the tables;
 flow-matching / Flow Walking rows are kept per run dir, so runs of different lengths sit side by
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import subprocess
 import sys
 import time
@@ -63,18 +69,31 @@ def sh(*cmd: str) -> str:
     return p.stdout
 
 
-def prepare(extra: list[Path]) -> Path:
+def shuffled_paragraphs(text: str, seed: int = 0) -> str:
+    """`text`'s paragraphs (its non-blank lines) in a seeded random order, laid out as WikiText's
+    (" \n" between them): the same in-domain text in new contexts and new window boundaries. The
+    teacher labels any token sequence, so for distillation this is new training windows, not a copy."""
+    lines = [line for line in text.split("\n") if line.strip()]
+    random.Random(seed).shuffle(lines)
+    return " \n" + "\n \n".join(lines) + "\n"
+
+
+def prepare(extra: list[Path], shuffled_copy: bool = False) -> Path:
     """The teacher's HF dir and the token shards: train = WikiText-2 valid after the scored characters
-    (+ the `extra` text files: the teacher labels any text, and the flow layer overfits 700 windows),
-    valid = the scored characters. Returns the data dir."""
+    (+ the `extra` text files: the teacher labels any text, and the flow layer overfits 700 windows;
+    + with `shuffled_copy`, all of that again with its paragraphs reordered), valid = the scored
+    characters. Returns the data dir."""
     from data_tools.fetch_reference_lm import export_hf, fetch
     from lflm_dist.data import Tokenizer, write_shards
     from lflm_dist.data.shards import documents_sha256
     from lflm_dist.eval.lft_metrics import read_text
     export_hf(fetch(), TEACHER)
-    data = DATA.with_name("+".join([DATA.name] + [f.name.split(".txt")[0] for f in extra]))
+    names = [f.name.split(".txt")[0] for f in extra] + (["wiki.shuf"] if shuffled_copy else [])
+    data = DATA.with_name("+".join([DATA.name] + names))
     text = read_text(WIKI)
     train_docs = [("wiki.valid[train]", text[EVAL_CHARS:])] + [(f.name, read_text(f)) for f in extra]
+    if shuffled_copy:
+        train_docs.append(("wiki.shuf.txt", shuffled_paragraphs("".join(t for _, t in train_docs))))
     if (data / "valid" / "manifest.json").is_file():
         # the dir is named from the files' names: refuse one sharded from other text under the same names
         made = json.loads((data / "train" / "manifest.json").read_text())
@@ -86,7 +105,8 @@ def prepare(extra: list[Path]) -> Path:
     tok = Tokenizer.load(TEACHER / "tokenizer.json")
     tok.save(data / "tokenizer.json")
     write_shards(train_docs, tok, data / "train", seq_len=256, samples_per_shard=1024,
-                 source=" + ".join([f"{WIKI.name} chars {EVAL_CHARS}:"] + [str(f) for f in extra]))
+                 source=" + ".join([f"{WIKI.name} chars {EVAL_CHARS}:"] + [str(f) for f in extra]
+                                   + (["the same with paragraphs shuffled (seed 0)"] if shuffled_copy else [])))
     write_shards([("wiki.valid[valid]", text[:EVAL_CHARS])], tok, data / "valid", seq_len=256,
                  samples_per_shard=1024, source=f"{WIKI.name} chars :{EVAL_CHARS}")
     return data
@@ -142,6 +162,9 @@ def main() -> int:
     p.add_argument("--train-extra", action="append", default=[], type=Path, metavar="FILE",
                    help="more training text (repeatable; .gz ok), sharded beside the WikiText-2 remainder into "
                         "data/lft_wiki+NAMES, e.g. ../shared/data/ptb/ptb.train.txt.gz")
+    p.add_argument("--shuffled-copy", action="store_true",
+                   help="also train on a copy of the training text with its paragraphs in a seeded random "
+                        "order (data/lft_wiki+NAMES+wiki.shuf): new windows of the same in-domain text")
     p.add_argument("--span-run", action="append", default=[], metavar="RUN",
                    help="--only spans: score RUN's student (k = 3) beside skip [12,15) on the scored windows, on "
                         "later windows of the scored split and on the training split (repeatable)")
@@ -152,7 +175,7 @@ def main() -> int:
     for f in a.train_extra:
         if not f.is_file():
             sys.exit(f"--train-extra {f}: no such file")
-    data = prepare(a.train_extra)
+    data = prepare(a.train_extra, a.shuffled_copy)
     if data != DATA:
         a.set.append(f"data.path={data.relative_to(ROOT)}")
     res = json.loads(OUT.read_text()) if OUT.is_file() else {}

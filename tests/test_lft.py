@@ -258,3 +258,20 @@ def test_config_errors_name_the_key(teachers, tmp_path):
         lft_model(teachers["llama"], *block, "model.lft.objective=walk")
     with pytest.raises(ConfigError, match="tokenizer has"):
         lft_model(teachers["llama"], *block, f"model.vocab_size={VOCAB + 1}")
+
+
+def test_bench_shuffled_copy_reorders_paragraphs_reproducibly():
+    # bench/lft_smollm2.py --shuffled-copy: the same paragraphs, a seeded order, WikiText's layout
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "lft_smollm2.py"
+    spec = importlib.util.spec_from_file_location("lft_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    text = " \n = Title = \n \n" + "".join(f" paragraph {i} . \n \n" for i in range(40))
+    out = bench.shuffled_paragraphs(text)
+    lines = [line for line in text.split("\n") if line.strip()]
+    got = [line for line in out.split("\n") if line.strip()]
+    assert sorted(got) == sorted(lines) and got != lines
+    assert out == bench.shuffled_paragraphs(text) and out != bench.shuffled_paragraphs(text, seed=1)
+    assert out.startswith(" \n") and "\n \n" in out
