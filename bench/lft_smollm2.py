@@ -92,7 +92,7 @@ def prepare(extra: list[Path], shuffled_copy: bool = False) -> Path:
     data = DATA.with_name("+".join([DATA.name] + names))
     text = read_text(WIKI)
     train_docs = [("wiki.valid[train]", text[EVAL_CHARS:])] + [(f.name, read_text(f)) for f in extra]
-    if shuffled_copy:
+    if shuffled_copy:  # named as the file runs/lft_fw_9_21_shuf_ab read, so its shards hash the same
         train_docs.append(("wiki.shuf.txt", shuffled_paragraphs("".join(t for _, t in train_docs))))
     if (data / "valid" / "manifest.json").is_file():
         # the dir is named from the files' names: refuse one sharded from other text under the same names
