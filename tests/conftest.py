@@ -1,12 +1,22 @@
 """Shared fixtures. `tiny_data` is a prepared data dir (tokenizer.json, train/, valid/ with
 seq_len 32 shards), built once per session the same way the data tools build one."""
+import importlib.util
 from pathlib import Path
 
 import pytest
 
 from lflm_dist.data import Tokenizer, split_documents, write_shards
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY_SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def load_script(relpath: str, name: str | None = None):
+    """Import a script of the repo (data_tools/, launchers/, bench/) as a module, to call its functions."""
+    spec = importlib.util.spec_from_file_location(name or Path(relpath).stem, ROOT / relpath)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def tiny_documents(chars: int = 200_000) -> list[tuple[str, str]]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import load_script
 from lflm_dist.data import (ShardError, ShardIndex, Tokenizer, TokenBatches, eval_batches, read_documents,
                             read_manifest, split_documents, write_shards, write_token_shards)
 from lflm_dist.data.corpus import shakespeare_documents, read_texts_dir, strip_gutenberg
@@ -24,10 +24,7 @@ TINY = SHARED / "tinyshakespeare" / "input.txt"
 
 def tool(name: str):
     """Import a data_tools script as a module, to call its main(argv) in-process."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "data_tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"data_tools/{name}.py")
 
 
 def synthetic_split(out: Path, n: int, seq_len: int = 8, per_shard: int = 7) -> Path:

@@ -262,12 +262,8 @@ def test_config_errors_name_the_key(teachers, tmp_path):
 
 def test_bench_shuffled_copy_reorders_paragraphs_reproducibly():
     # bench/lft_smollm2.py --shuffled-copy: the same paragraphs, a seeded order, WikiText's layout
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "bench" / "lft_smollm2.py"
-    spec = importlib.util.spec_from_file_location("lft_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from conftest import load_script
+    bench = load_script("bench/lft_smollm2.py")
     text = " \n = Title = \n \n" + "".join(f" paragraph {i} . \n \n" for i in range(40))
     out = bench.shuffled_paragraphs(text)
     lines = [line for line in text.split("\n") if line.strip()]

@@ -10,13 +10,13 @@ Tolerance: losses agree to rel 1e-5 with the 1-process run, pre-clip gradient no
 vocab-parallel softmax); the exported weights of a sharded run
 give logits within rtol/atol 1e-4 of the 1-process checkpoint's, and exporting the
 1-process checkpoint reproduces its logits bit for bit."""
-import importlib.util
 import json
 import re
 
 import pytest
 import torch
 
+from conftest import load_script
 from lflm_dist.config import ConfigError, load_config
 from lflm_dist.generate import load_run
 from lflm_dist.parallel.plan import activation_bytes, plan
@@ -74,10 +74,7 @@ def tp_rank_params(cfg, tp: int) -> tuple[int, set[str]]:
 
 
 def _export_module():
-    spec = importlib.util.spec_from_file_location("export_launcher", ROOT / "launchers/export.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("launchers/export.py", "export_launcher")
 
 
 def logits_of(model, x):
