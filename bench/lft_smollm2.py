@@ -33,6 +33,13 @@ characters (held out from the scored windows by position), sharded with the teac
         --fw-set model.lft.pair_cache_gb=4 --fw-set train.seed=6 --fw-set train.lr=0.0005 \\
         --fw-set train.min_lr=0.00005 --fw-steps 200 --train-extra data/wiki.test.txt --shuffled-copy \\
         --fw-run runs/lft_fw_9_21_shuf_ab   # shuffled paragraphs (without --shuffled-copy: its control)
+    python data_tools/sample_lm_text.py --model data/smollm2-135m --prompts data/wiki.test.txt \\
+        --out data/wiki.gen.txt --samples 1024   # the teacher's continuations of wiki.test paragraphs
+    python bench/lft_smollm2.py --only fw --fw-block 9:21 --fw-init runs/lft_fw_9_21_ctrl_ab \\
+        --set model.lft.loss_norm=both --fw-set model.lft.kl_weight=3 --fw-set model.lft.kl_tokens=0 \\
+        --fw-set model.lft.pair_cache_gb=4 --fw-set train.seed=7 --fw-set train.lr=0.0005 \\
+        --fw-set train.min_lr=0.00005 --fw-steps 200 --train-extra data/wiki.test.txt \\
+        --train-extra data/wiki.gen.txt --fw-run runs/lft_fw_9_21_gen   # + the teacher's own samples
 
 Writes bench/results/lft_smollm2.json (+ .png: KL against layers removed) and prints the tables;
 flow-matching / Flow Walking rows are kept per run dir, so runs of different lengths sit side by

@@ -356,7 +356,7 @@ def test_missing_and_truncated_shards_can_be_skipped_sample_by_sample(syn, tmp_p
 
 
 # ----------------------------------------------------------------------------- command lines
-@pytest.mark.parametrize("name", ["fetch_corpus", "train_tokenizer", "make_shards", "inspect_shards"])
+@pytest.mark.parametrize("name", ["fetch_corpus", "train_tokenizer", "make_shards", "inspect_shards", "sample_lm_text"])
 def test_cli_help(name, capsys):
     with pytest.raises(SystemExit) as exc:
         tool(name).main(["--help"])

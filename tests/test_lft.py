@@ -271,3 +271,33 @@ def test_bench_shuffled_copy_reorders_paragraphs_reproducibly():
     assert sorted(got) == sorted(lines) and got != lines
     assert out == bench.shuffled_paragraphs(text) and out != bench.shuffled_paragraphs(text, seed=1)
     assert out.startswith(" \n") and "\n \n" in out
+
+
+def test_teacher_samples_continue_their_prompts_and_resume_to_the_same_file(teachers, tiny_data, tmp_path):
+    # data_tools/sample_lm_text.py: new distillation text sampled from the teacher
+    from conftest import load_script
+    from lflm_dist.data import Tokenizer
+    tool = load_script("data_tools/sample_lm_text.py")
+    tok_path = tiny_data / "tokenizer.json"
+    tok = Tokenizer.load(tok_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(" = Heading = \n \n" + "".join(f" {w} came to the hall at dawn , and spoke of {w} . \n \n"
+                                                       for w in ("Romeo", "Juliet", "Tybalt", "Mercutio", "Friar")))
+    kw = dict(prompt_tokens=6, new_tokens=8, batch=2, tokenizer=tok_path)
+    whole = tool.sample(teachers["llama"], prompts, tmp_path / "whole.txt", 6, **kw).read_text()
+    lines = [line.strip() for line in whole.split("\n") if line.strip()]
+    starts = [tok.decode(p).strip() for p in tool.prompt_ids(prompts.read_text(), tok, 6)]
+    assert len(starts) == 5 and not any(s.startswith("=") for s in starts)  # the heading is no prompt
+    assert len(lines) == 6 and all(line.startswith(starts[i % 5]) for i, line in enumerate(lines))
+    assert all(len(line) > len(starts[i % 5]) for i, line in enumerate(lines))  # something was sampled
+    # interrupted after 2 samples, killed in the middle of a batch, rerun: the same file
+    part = tmp_path / "part.txt"
+    tool.sample(teachers["llama"], prompts, part, 2, **kw)
+    with open(part, "a") as f:
+        f.write(" a half-written sam")
+    assert tool.sample(teachers["llama"], prompts, part, 6, **kw).read_text() == whole
+    # another seed samples other text; resuming a file with other settings is refused, naming them
+    other = tool.sample(teachers["llama"], prompts, tmp_path / "seed1.txt", 6, seed=1, **kw).read_text()
+    assert other != whole
+    with pytest.raises(SystemExit, match="seed: 0 -> 1"):
+        tool.sample(teachers["llama"], prompts, part, 6, seed=1, **kw)
