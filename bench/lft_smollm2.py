@@ -40,6 +40,8 @@ characters (held out from the scored windows by position), sharded with the teac
         --fw-set model.lft.pair_cache_gb=4 --fw-set train.seed=7 --fw-set train.lr=0.0005 \\
         --fw-set train.min_lr=0.00005 --fw-steps 200 --train-extra data/wiki.test.txt \\
         --train-extra data/wiki.gen.txt --fw-run runs/lft_fw_9_21_gen   # + the teacher's own samples
+    python bench/lft_smollm2.py --only soup --soup-run runs/lft_fw_9_21_ctrl_ab \\
+        --soup-run runs/lft_fw_9_21_shuf_ab --soup-run runs/lft_fw_9_21_gen   # the mean of three legs' weights
 
 Writes bench/results/lft_smollm2.json (+ .png: KL against layers removed) and prints the tables;
 flow-matching / Flow Walking rows are kept per run dir, so runs of different lengths sit side by
@@ -130,8 +132,8 @@ def train(run: str, steps: int, overrides: list[str]) -> Path:
 
 def compare(run: Path, steps: str, skips: str) -> list[dict]:
     """launchers/lft.py compare on the protocol's windows (kept beside the run; reused if newer)."""
-    out = run / "compare.json"
-    ck = max((run / "checkpoints").glob("step_*"))
+    out = run / "compare.json"  # a run's latest checkpoint, or an exported dir's weights
+    ck = max((run / "checkpoints").glob("step_*")) if (run / "checkpoints").is_dir() else run / "model.safetensors"
     if not out.is_file() or out.stat().st_mtime < ck.stat().st_mtime:
         sh("launchers/lft.py", "compare", "--run", str(run), "--text", str(WIKI), "--steps", steps, "--skips", skips,
            "--out", str(out))
@@ -175,6 +177,9 @@ def main() -> int:
     p.add_argument("--span-run", action="append", default=[], metavar="RUN",
                    help="--only spans: score RUN's student (k = 3) beside skip [12,15) on the scored windows, on "
                         "later windows of the scored split and on the training split (repeatable)")
+    p.add_argument("--soup-run", action="append", default=[], metavar="RUN",
+                   help="--only soup: score the uniform average of these runs' weights (launchers/export.py "
+                        "--average, exported to runs/lft_soup_NAMES; repeatable, 2 or more)")
     p.add_argument("--fresh", action="store_true", help="recompute skip baselines and recoupling kept in runs/")
     a = p.parse_args()
     if not WIKI.is_file():
@@ -259,6 +264,15 @@ def main() -> int:
                 rows.append({"run": run, "text": what, "chars": f"{start}:{start + chars}", "flow_k3_kl": flow,
                              "skip_12_15_kl": base, "flow_over_skip": flow / base})
         res["spans"] = rows
+    if "soup" in parts:  # a model soup of Flow Walking legs from one start (one basin)
+        if len(a.soup_run) < 2:
+            sys.exit("--only soup needs two or more --soup-run RUN")
+        out = ROOT / "runs" / ("lft_soup_" + "+".join(Path(r).name.removeprefix("lft_fw_") for r in a.soup_run))
+        if not (out / "model.safetensors").is_file():
+            sh("launchers/export.py", "--run", a.soup_run[0], "--average", *a.soup_run[1:], "--out", str(out))
+        rows = [r for r in compare(out, "1,2,3,5", "") if r["model"].startswith("flow")]
+        res["soups"] = [r for r in res.get("soups", []) if r["runs"] != a.soup_run] + [
+            {"runs": a.soup_run, "export": str(out.relative_to(ROOT)), "rows": rows}]
     res["command"] = "python bench/lft_smollm2.py " + " ".join(sys.argv[1:])
     res["seconds_this_run"] = round(time.time() - t0)
     OUT.parent.mkdir(parents=True, exist_ok=True)
@@ -268,6 +282,9 @@ def main() -> int:
     for key in ("skips", "recoupling", "block_scan", "spans"):
         if key in res:
             print(f"\n{key}\n" + format_table(res[key], list(res[key][0])))
+    for r in res.get("soups", []):
+        print(f"\nsoup of {', '.join(r['runs'])} ({r['export']})\n"
+              + format_table(r["rows"], ["model", "layers_removed", "kl", "nmse", "update_nmse", "ppl"]))
     for key in ("flow_matching", "flow_walking"):
         for r in res.get(key, []):
             print(f"\n{key}: {r['run']} ({r['config']}, {r['train_steps']} steps)\n"

@@ -158,6 +158,27 @@ def test_export_of_plain_checkpoint_is_bit_exact(reference, probe, tmp_path):
         assert torch.equal(logits_of(a, probe), logits_of(b, probe))
 
 
+def test_export_average_is_the_mean_of_the_checkpoints(reference, probe, tmp_path):
+    # launchers/export.py --average: a model soup of steps 2 and 4 of one run
+    from lflm_dist.train.checkpoint import read_model_state
+    ref_run, _ = reference
+    steps = sorted((ref_run / "checkpoints").glob("step_*"))
+    assert len(steps) == 2
+    exp = _export_module()
+    out = exp.export(ref_run, tmp_path / "soup", steps[0], [steps[1]])
+    soup, _, _ = load_run(out)
+    a, b = (read_model_state(s) for s in steps)
+    got = soup.state_dict()
+    moved = [k for k in a if not torch.equal(a[k], b[k])]
+    assert moved and all(torch.allclose(got[k], (a[k] + b[k]) / 2, atol=1e-7, rtol=0) for k in moved)
+    assert not any(torch.equal(got[k], a[k]) for k in moved)
+    # the mean of a checkpoint with itself is that checkpoint, bit for bit
+    same, _, _ = load_run(exp.export(ref_run, tmp_path / "same", steps[1], [steps[1]]))
+    last, _, _ = load_run(ref_run)
+    with torch.no_grad():
+        assert torch.equal(logits_of(same, probe), logits_of(last, probe))
+
+
 def test_unsupported_combinations_fail_at_start_up():
     with pytest.raises(ConfigError, match="supported combinations"):
         load_config(ROOT / "configs/cola_tiny.yaml", ["parallel.strategy=deepspeed", "parallel.tp=2"])
