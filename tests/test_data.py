@@ -16,6 +16,7 @@ from lflm_dist.data import (ShardError, ShardIndex, Tokenizer, TokenBatches, eva
 from lflm_dist.data.corpus import shakespeare_documents, read_texts_dir, strip_gutenberg
 from lflm_dist.data.loader import epoch_permutation, stream_steps_per_epoch
 from lflm_dist.data.shards import verify_shards
+from lflm_dist.data.wikitext import convert, extractor_articles, mediawiki_articles, wikitext_words
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -355,8 +356,71 @@ def test_missing_and_truncated_shards_can_be_skipped_sample_by_sample(syn, tmp_p
                                                           if 7 <= i < 14 or 21 <= i < 28])
 
 
+# ----------------------------------------------------------------------------- Wikipedia text in WikiText's layout
+def test_wikitext_words_tokenizes_as_wikitext_does():
+    assert wikitext_words("The game's role-playing side sold 102,779 units (28.6%) for $5 million; "
+                 "it wasn't the players' pick.") == (
+        "The game 's role @-@ playing side sold 102 @,@ 779 units ( 28 @.@ 6 % ) for $ 5 million ; "
+        "it was n't the players ' pick .")
+    assert wikitext_words("J. C. W. Smith went to the U.S. in 2011–12.") == "J. C. W. Smith went to the U.S. in 2011 – 12 ."
+
+
+def test_wiki_text_drops_overlapping_articles_and_marks_rare_words():
+    shared = "the quick brown fox jumps over the lazy dog near the quiet river bank today"  # 15 words
+    wiki_utf8 = (
+        '<doc id="1" url="u" title="Alpha Beta">\nAlpha Beta\n\nAlpha Beta is a zorblax town. The town is old.\n'
+        "History.\nThe town is old and the town is near a zorblax.\n\n</doc>\n"
+        '<doc id="2" url="u" title="Stub">\nStub\n\n</doc>\n'
+        f'<doc id="3" url="u" title="Gamma">\nGamma\n\nSo {shared}.\n\n</doc>\n')
+    docs = extractor_articles(wiki_utf8)
+    text, summary = convert(docs, exclude=[f" In 1990 {shared} . \n"], vocab_from=["and the"], min_count=2)
+    # WikiText's layout: headings between blank lines, paragraphs one a line, every line space-led; words
+    # seen once ("History", "near") are <unk>, unless --vocab-from has them ("and", "the": case counts)
+    assert text == (" \n = Alpha Beta = \n \n"
+                    " Alpha Beta is a zorblax town . The town is old . \n"
+                    " \n = = <unk> = = \n \n"
+                    " The town is old and the town is <unk> a zorblax . \n")
+    # the stub has no text; Gamma shares 13 words with the excluded text (punctuation aside) and is dropped
+    assert summary["articles"] == 1 and summary["dropped_titles"] == ["Gamma"]
+    assert summary["unk_fraction"] == round(text.split().count("<unk>") / len(text.split()), 4) > 0
+    # without the exclusion Gamma is kept
+    assert convert(docs, exclude=[], vocab_from=[], min_count=1)[1]["articles"] == 2
+
+
+def test_mediawiki_dump_is_reduced_to_its_prose():
+    xml = """<mediawiki><page>
+    <title>Alpha &amp; Beta</title>
+    <ns>0</ns>
+    <revision><text xml:space="preserve">{{Infobox town|name={{lang|x|Alpha}}|pop=3}}
+[[File:Map.png|thumb|A map of [[Alpha]] in 1900]]
+'''Alpha''' is a [[town (place)|town]] in [[Gamma]].&lt;ref&gt;Smith, p. 3&lt;/ref&gt; It has 1,200 people.
+{| class="wikitable"
+| a || b
+|}
+== History ==
+=== Early years ===
+The town was founded in 1850 by settlers.&lt;ref name="x" /&gt;
+* a list item that is left out
+== Empty ==
+== References ==
+The sources of this article are here in prose.
+=== Books ===
+A book about the town, in prose too.
+[[Category:Towns]]
+[[de:Alpha]]</text></revision></page>
+<page><title>Old name</title><ns>0</ns><revision><text xml:space="preserve">#REDIRECT [[Alpha]]</text></revision></page>
+<page><title>Talk:Alpha</title><ns>1</ns><revision><text xml:space="preserve">Some talk about the town here.</text></revision></page>
+</mediawiki>"""
+    # one article: templates, tables, references, files, categories, interwiki and list lines dropped,
+    # links reduced to their text, the References section and the empty one left out, levels kept
+    assert mediawiki_articles(xml) == [("Alpha & Beta", [
+        "= Alpha & Beta =", "Alpha is a town in Gamma . It has 1 @,@ 200 people .",
+        "= = History = =", "= = = Early years = = =", "The town was founded in 1850 by settlers ."])]
+
+
 # ----------------------------------------------------------------------------- command lines
-@pytest.mark.parametrize("name", ["fetch_corpus", "train_tokenizer", "make_shards", "inspect_shards", "sample_lm_text"])
+@pytest.mark.parametrize("name", ["fetch_corpus", "train_tokenizer", "make_shards", "inspect_shards", "sample_lm_text",
+                                  "fetch_wiki_text"])
 def test_cli_help(name, capsys):
     with pytest.raises(SystemExit) as exc:
         tool(name).main(["--help"])

