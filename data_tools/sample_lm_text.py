@@ -44,9 +44,10 @@ def written_samples(out: Path, batch: int) -> int:
     """Samples in `out`, cut back to whole batches (a run killed mid-write leaves a partial one)."""
     if not out.is_file():
         return 0
-    lines = [line for line in out.read_text(encoding="utf-8").split("\n") if line.strip()]
+    text = out.read_text(encoding="utf-8")
+    lines = [line for line in text.split("\n") if line.strip()]
     keep = len(lines) // batch * batch
-    if keep != len(lines) or not out.read_text(encoding="utf-8").endswith("\n"):
+    if keep != len(lines) or not text.endswith("\n"):
         out.write_text("".join(f"{line}\n \n" for line in lines[:keep]), encoding="utf-8")
     return keep
 

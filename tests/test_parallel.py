@@ -223,3 +223,16 @@ def test_activation_estimate_within_factor_two_of_saved_tensors(extra, tiny_data
         est = activation_bytes(cfg, 4, bf16=False, checkpointing=ckpt, include_recompute=False)
         assert 0.5 < est / measured[ckpt] < 2.0, (ckpt, est, measured[ckpt])
     assert measured[True] < measured[False]
+
+
+def test_cpu_peak_is_measured_in_the_training_dtype(tmp_path, monkeypatch):
+    """MFU on CPU divides by a peak measured in the dtype the run trains in: a bf16 run (2-3x the
+    fp32 matmul rate where the CPU has AVX512-BF16 or AMX) is not judged against the fp32 peak,
+    which put its MFU above 1. Each dtype's peak is cached under its own key."""
+    from lflm_dist.parallel import mfu
+    monkeypatch.setattr(mfu, "CACHE", tmp_path / "cpu_peak.json")
+    fp32, bf16 = mfu.device_peak(torch.device("cpu"), False), mfu.device_peak(torch.device("cpu"), True)
+    cache = json.loads((tmp_path / "cpu_peak.json").read_text())
+    assert sorted(cache.values()) == sorted([fp32, bf16]) and all(v > 0 for v in cache.values())
+    assert [k.endswith("|bf16") for k in sorted(cache)] == [False, True]
+    assert mfu.device_peak(torch.device("cpu"), True) == bf16  # from the cache, not measured again

@@ -1,9 +1,10 @@
 """Model FLOPs utilisation: achieved training FLOP/s over the devices' dense peak.
 
 GPU peaks are the vendor's dense (not 2:4-sparse) figures for the training dtype. On CPU
-the peak is measured: the best of a few fp32 matmuls with this process's thread count,
-measured once and cached in ~/.cache/lflm_dist/cpu_peak.json (keyed by CPU model and
-threads)."""
+the peak is measured: the best of a few matmuls in the training dtype (a CPU with AVX512-BF16
+or AMX runs bf16 matmuls 2-3x faster than fp32, so an fp32 peak would put bf16 MFU above 1) with
+this process's thread count, measured once and cached in ~/.cache/lflm_dist/cpu_peak.json (keyed
+by CPU model, threads and dtype)."""
 from __future__ import annotations
 
 import json
@@ -33,8 +34,8 @@ def _cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def measure_cpu_peak(n: int = 1024, reps: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def measure_cpu_peak(n: int = 1024, reps: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(reps):
@@ -44,14 +45,14 @@ def measure_cpu_peak(n: int = 1024, reps: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def cpu_peak() -> float:
-    key = f"{_cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+def cpu_peak(bf16: bool = False) -> float:
+    key = f"{_cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}" + ("|bf16" if bf16 else "")
     try:
         cache = json.loads(CACHE.read_text())
     except (OSError, ValueError):
         cache = {}
     if key not in cache:
-        cache[key] = measure_cpu_peak()
+        cache[key] = measure_cpu_peak(dtype=torch.bfloat16 if bf16 else torch.float32)
         try:
             CACHE.parent.mkdir(parents=True, exist_ok=True)
             tmp = CACHE.with_suffix(f".{os.getpid()}.tmp")
@@ -70,7 +71,7 @@ def device_peak(device: torch.device, bf16: bool) -> float:
             if k in name and dt == ("bf16" if bf16 else "fp32"):
                 return v
         return 0.0
-    return cpu_peak()
+    return cpu_peak(bf16)
 
 
 def peak_memory_mb(device: torch.device) -> float:
