@@ -63,6 +63,8 @@ characters (held out from the scored windows by position), sharded with the teac
         --fw-set model.lft.kl_tokens=0 --fw-set train.seed=8 --fw-set train.ckpt_every=140 --fw-steps 560 \
         --train-extra data/wiki.test.txt --train-extra data/wiki.cal.txt --train-extra data/wiki.dump.txt \
         --fw-run runs/lft_fw_9_21_scratch_bf16   # then --fw-init it, train.seed=9, 300 steps: ..._2
+    # and on: --fw-init ..._2, train.seed=10, ckpt_every=120, 480 steps: ..._3; --fw-init ..._3,
+    # train.seed=11, 420 steps: ..._4 (docs/lft.md, "Two more legs on the same text")
 
 Writes bench/results/lft_smollm2.json (+ .png: KL against layers removed) and prints the tables;
 flow-matching / Flow Walking rows are kept per run dir, so runs of different lengths sit side by
