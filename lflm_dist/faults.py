@@ -132,7 +132,8 @@ def trial(kind: str, data: Path, work: Path, nproc: int, rng: random.Random, ste
         out["skipped_nonfinite"] = max((r.get("skipped_nonfinite", 0) for r in rows), default=None)
     else:
         out["losses_equal"] = got == ref
-    out["detail"] = (first.stderr[-300:] + resumed.stderr[-300:]).strip() if not out["resumed"] else ""
+    # the tails of both runs' stderr (progress bars included, so not too short) when the resume failed
+    out["detail"] = (first.stderr[-2000:] + "\n---\n" + resumed.stderr[-2000:]).strip() if not out["resumed"] else ""
     return out
 
 
