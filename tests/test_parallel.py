@@ -246,3 +246,13 @@ def test_cpu_peak_keeps_the_best_measurement(tmp_path, monkeypatch):
     monkeypatch.setattr(mfu, "measure_cpu_peak", lambda **kw: next(rates))
     assert [mfu.cpu_peak() for _ in range(3)] == [100e9, 300e9, 300e9]
     assert list(json.loads((tmp_path / "cpu_peak.json").read_text()).values()) == [300e9]
+
+
+def test_cpu_peak_measurement_leaves_the_global_rng_alone():
+    """The trainer measures the peak after seeding: drawing its matrices from the global RNG would
+    shift every later random draw of the run (noise, timesteps, dropout) by the measurement."""
+    from lflm_dist.parallel import mfu
+    before = torch.get_rng_state()
+    for dtype in (torch.float32, torch.bfloat16):
+        assert mfu.measure_cpu_peak(64, 1, dtype) > 0
+    assert torch.equal(torch.get_rng_state(), before)
